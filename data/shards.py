@@ -1,0 +1,292 @@
+"""Webdataset shard streaming: split over ranks and workers, equal batches per rank, exact resume.
+
+How a rank's batches are made
+- The shards are split over G = world_size * max(num_workers, 1) streams; stream g = rank * W + worker.
+  Normal mode: pass p over the data is a permutation of all shards (seeded by (seed, p)); stream g reads
+  shards perm[g::G] of each pass, then goes on to the next pass. Resampled mode: stream g draws its k-th
+  shard uniformly at random (seeded by (seed, g, k)), with replacement. Either way every stream is
+  infinite, so no rank ever runs dry before another (a ZeRO-3 collective would hang).
+- Shuffling is by blocks: `shuffle_buffer` raw (still encoded) samples are read and permuted with a
+  generator seeded by (seed, g, block). Unlike a reservoir, a block can be rebuilt from where it started,
+  which is what makes resume exact and cheap (at most one block of bytes is re-read, nothing is decoded).
+- Each worker decodes, transforms and collates whole batches; the DataLoader takes them round-robin.
+  Torch's and Python's RNGs are seeded per batch from (seed, g, batch index), so augmentations replay.
+- Epochs are an accounting unit: every rank yields batches_per_epoch = samples_per_epoch // (world_size *
+  batch_size) batches per epoch (the remainder, fewer than world_size * batch_size samples, is not dropped:
+  the stream simply continues into the next epoch).
+
+Bad data never stops the run: an undecodable image, a missing or non-integer label, or an unreadable or
+truncated tar is skipped and counted; `ShardLoader.stats()` sums the counts over workers in the main process.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Only these members are ever read from a tar: nothing in a shard is unpickled or executed.
+READ_EXTS = frozenset(IMAGE_EXTS + ("cls", "json"))
+COUNTERS = ("samples", "bad_image", "bad_label", "shard_errors")
+
+
+# ---------------------------------------------------------------------------------------------- shard lists
+
+def _is_local(url: str) -> bool:
+    return not re.match(r"^[a-z0-9+]+:", url) or url.startswith("file:")
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Brace pattern(s) (`a-{000..099}.tar`, several joined by `::`), a shard-list file (`*.txt`, one URL per
+    line, relative paths relative to the file), or a list of those -> shard URLs. Local shards must exist."""
+    if isinstance(urls, str):
+        if urls.endswith(".txt") and _is_local(urls):
+            if not os.path.isfile(urls):
+                raise FileNotFoundError(f"shard-list file {urls!r} does not exist")
+            base = os.path.dirname(urls)
+            with open(urls) as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+            shards = [ln if not _is_local(ln) or os.path.isabs(ln) else os.path.join(base, ln) for ln in lines]
+        else:
+            shards = wds.shardlists.expand_urls(urls)
+    else:
+        shards = [s for u in urls for s in expand_urls(u)]
+    if not shards:
+        raise ValueError(f"shard pattern {urls!r} matches no shards")
+    missing = [s for s in shards if _is_local(s) and not os.path.exists(s.removeprefix("file:"))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards of {urls!r} do not exist, "
+                                f"first: {missing[0]!r}")
+    return shards
+
+
+# ------------------------------------------------------------------------------------- one stream's samples
+
+@dataclass
+class StreamState:
+    """Where one stream (a rank's worker) stands after its last delivered batch."""
+    stream: int  # logical worker index on this rank
+    shard: int = 0  # index into the stream's shard sequence where the current block starts
+    offset: int = 0  # raw samples of that shard before the block starts
+    block: int = 0  # blocks started so far
+    taken: int = 0  # samples of the current block already consumed
+    batches: int = 0  # batches this stream has delivered
+    counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+
+
+def _seed(*ints: int) -> int:
+    return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
+
+
+class _Stream:
+    """The infinite, deterministic sample stream of global stream g (rank * W + worker)."""
+
+    def __init__(self, shards: list[str], g: int, num_streams: int, seed: int, resampled: bool,
+                 shuffle_buffer: int, counts: dict):
+        self.shards, self.g, self.num_streams, self.seed = shards, g, num_streams, seed
+        self.resampled, self.block_size, self.counts = resampled, max(shuffle_buffer, 1), counts
+        self.per_pass = len(range(g, len(shards), num_streams))
+
+    def shard_url(self, k: int) -> str:
+        if self.resampled:
+            return self.shards[np.random.default_rng([self.seed, self.g, k]).integers(len(self.shards))]
+        perm = np.random.default_rng([self.seed, k // self.per_pass]).permutation(len(self.shards))
+        return self.shards[perm[self.g + (k % self.per_pass) * self.num_streams]]
+
+    def _count_error(self, exn: Exception) -> bool:
+        self.counts["shard_errors"] += 1
+        return True  # skip and go on
+
+    def raw_samples(self, shard: int, offset: int) -> Iterator[tuple[int, int, dict]]:
+        """(shard index, offset after this sample, sample) from shard `shard`, sample `offset` on."""
+        empty_run = 0  # consecutive shards with no sample: a stream that can never fill a batch must fail
+        for k in range(shard, 2 ** 62):
+            url = self.shard_url(k)
+            n = 0
+            try:
+                stream = wds.gopen(url)
+            except Exception as exn:  # unreadable shard: counted, next one
+                self._count_error(exn)
+            else:
+                try:
+                    files = tar_file_expander([dict(url=url, stream=stream)], handler=self._count_error,
+                                              select_files=_readable)
+                    for n, sample in enumerate(group_by_keys(files, handler=self._count_error), 1):
+                        if k > shard or n > offset:
+                            yield k, n, sample
+                finally:
+                    stream.close()
+            empty_run = 0 if n else empty_run + 1
+            if empty_run >= (len(self.shards) if self.resampled else self.per_pass):
+                raise RuntimeError(f"stream {self.g}: {empty_run} shards in a row held no readable sample, "
+                                   f"last {url!r}")
+
+    def blocks(self, state: StreamState) -> Iterator[tuple[dict, StreamState]]:
+        """Shuffled raw samples from `state` on, each with the position right after it."""
+        src = self.raw_samples(state.shard, state.offset)
+        start, block, taken = (state.shard, state.offset), state.block, state.taken
+        while True:
+            items, end = [], start
+            for k, off, sample in src:
+                items.append(sample)
+                end = (k, off)
+                if len(items) == self.block_size:
+                    break
+            order = np.random.default_rng([self.seed, self.g, block]).permutation(len(items))
+            for j in range(taken, len(items)):
+                yield items[order[j]], (start, block, j + 1)
+            # the next block starts where this one ended; `src` is already there
+            start, block, taken = end, block + 1, 0
+
+
+def _readable(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in READ_EXTS
+
+
+def _parse_label(sample: dict, num_classes: int | None) -> int:
+    label = int(sample["cls"].decode().strip())
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise ValueError(f"label {label} out of range")
+    return label
+
+
+def _image_bytes(sample: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError("no image member")
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+
+class _BatchStreams(IterableDataset):
+    """Yields collated batches of one rank; each batch carries its stream's position under `_state`."""
+
+    def __init__(self, shards, *, sample_fn, collate_fn, batch_size, rank, world_size, num_workers,
+                 shuffle_buffer, resampled, seed, num_classes):
+        self.shards, self.sample_fn, self.collate_fn, self.batch_size = shards, sample_fn, collate_fn, batch_size
+        self.rank, self.num_streams, self.shuffle_buffer = rank, max(num_workers, 1), shuffle_buffer
+        self.world_size, self.resampled, self.seed, self.num_classes = world_size, resampled, seed, num_classes
+        self.states = [StreamState(stream=w) for w in range(self.num_streams)]
+        self.rotation = 0  # physical worker i runs logical stream (i + rotation) % W
+
+    def __iter__(self):
+        info = get_worker_info()
+        w = ((info.id if info else 0) + self.rotation) % self.num_streams
+        state = StreamState(**{**asdict(self.states[w]), "counts": dict(self.states[w].counts)})
+        g = self.rank * self.num_streams + w
+        stream = _Stream(self.shards, g, self.world_size * self.num_streams, self.seed, self.resampled,
+                         self.shuffle_buffer, state.counts)
+        samples = stream.blocks(state)
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                py_state = random.getstate()
+                torch.manual_seed(_seed(self.seed, g, state.batches))
+                random.seed(_seed(self.seed, g, state.batches, 1))
+                batch = []
+                while len(batch) < self.batch_size:
+                    sample, (start, block, taken) = next(samples)
+                    state.shard, state.offset, state.block, state.taken = *start, block, taken
+                    item = self._decode(sample, state.counts)
+                    if item is not None:
+                        batch.append(item)
+                batch = self.collate_fn(batch)
+                random.setstate(py_state)
+            state.batches += 1
+            batch["_state"] = asdict(state)
+            yield batch
+
+    def _decode(self, sample: dict, counts: dict) -> dict | None:
+        try:
+            label = _parse_label(sample, self.num_classes)
+        except Exception:
+            counts["bad_label"] += 1
+            return None
+        try:
+            item = self.sample_fn(_image_bytes(sample))
+        except Exception:
+            counts["bad_image"] += 1
+            return None
+        counts["samples"] += 1
+        item["label"] = torch.tensor(label, dtype=torch.int64)
+        return item
+
+
+# -------------------------------------------------------------------------------------------------- loader
+
+class ShardLoader:
+    """Never-ending iterator over one rank's batches; see the module docstring for the rules."""
+
+    def __init__(self, dataset: _BatchStreams, *, num_workers: int, batches_per_epoch: int):
+        self.dataset, self.num_workers, self.batches_per_epoch = dataset, num_workers, batches_per_epoch
+        self.batches = 0  # delivered since the start of training
+        self._it = None
+
+    @property
+    def epoch(self) -> int:
+        return self.batches // self.batches_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self.dataset.rotation = self.batches % self.dataset.num_streams
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                pin_memory=torch.cuda.is_available())
+            self._it = iter(loader)
+        batch = next(self._it)
+        state = batch.pop("_state")
+        self.dataset.states[state["stream"]] = StreamState(**state)
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, batches=self.batches, seed=self.dataset.seed,
+                    world_size=self.dataset.world_size, num_workers=self.num_workers,
+                    streams=[asdict(s) for s in self.dataset.states])
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = (self.dataset.seed, self.dataset.world_size, self.num_workers)
+        theirs = (state["seed"], state["world_size"], state["num_workers"])
+        if mine != theirs:
+            raise ValueError(f"loader state is for (seed, world_size, num_workers) = {theirs}, this loader "
+                             f"has {mine}: exact resume needs the same ones")
+        self._it = None  # workers restart from the restored positions
+        self.batches = state["batches"]
+        self.dataset.states = [StreamState(**s) for s in state["streams"]]
+
+    def stats(self) -> dict:
+        totals = {c: sum(s.counts[c] for s in self.dataset.states) for c in COUNTERS}
+        totals["skipped_samples"] = totals["bad_image"] + totals["bad_label"]
+        return dict(totals, batches=self.batches, epoch=self.epoch)
+
+
+def build_loader(urls, *, sample_fn: Callable[[bytes], dict], batch_size: int, rank: int, world_size: int,
+                 num_workers: int, shuffle_buffer: int, resampled: bool, samples_per_epoch: int, seed: int,
+                 collate_fn=None, num_classes: int | None = None) -> ShardLoader:
+    """One rank's loader. `sample_fn(image_bytes) -> dict of tensors` (a transform from data.transforms);
+    `label` is added from `.cls`. Labels outside [0, num_classes) are counted as bad when num_classes is set."""
+    shards = expand_urls(urls)
+    num_streams = world_size * max(num_workers, 1)
+    if not resampled and len(shards) < num_streams:
+        raise ValueError(f"{len(shards)} shards in {urls!r} are too few for {world_size} ranks x "
+                         f"{max(num_workers, 1)} workers: at least {num_streams} are needed (write smaller "
+                         f"shards, lower num_workers, or set resampled: true)")
+    batches_per_epoch = samples_per_epoch // (world_size * batch_size)
+    if batches_per_epoch < 1:
+        raise ValueError(f"samples_per_epoch={samples_per_epoch} is less than one batch on every rank "
+                         f"({world_size} ranks x batch {batch_size})")
+    dataset = _BatchStreams(shards, sample_fn=sample_fn, collate_fn=collate_fn or default_collate,
+                            batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+                            shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed,
+                            num_classes=num_classes)
+    return ShardLoader(dataset, num_workers=num_workers, batches_per_epoch=batches_per_epoch)
