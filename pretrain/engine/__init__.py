@@ -1,0 +1,17 @@
+"""Sharding backends behind one interface; `engine.name` in the config picks one."""
+from __future__ import annotations
+
+from pretrain.config import Config
+from pretrain.dist import DistContext
+from pretrain.engine.base import Engine, ModelRecipe
+
+
+def engine_class(name: str) -> type[Engine]:
+    if name == "deepspeed":
+        from pretrain.engine.deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine
+    raise ValueError(f"engine.name: unknown engine {name!r}")
+
+
+def build_engine(cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int) -> Engine:
+    return engine_class(cfg.engine.name)(cfg, ctx, recipe, accum)

@@ -1,0 +1,30 @@
+"""The run directory layout, in one place.
+
+runs/<experiment>/<stage>/
+  config.yaml                 resolved config of the latest launch
+  metrics.jsonl, wandb/       written by pretrain.loggers
+  checkpoints/latest          tag of the newest complete checkpoint
+  checkpoints/<tag>/          engine files + client_rank<r>.pt per rank
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pretrain.config import Config
+
+
+def run_dir(cfg: Config, stage: str | None = None) -> Path:
+    return Path(cfg.run_root) / cfg.experiment_name / (stage or cfg.stage.name)
+
+
+def checkpoint_dir(run: Path) -> Path:
+    return run / "checkpoints"
+
+
+def save_config(cfg: Config, run: Path) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / "config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(run / "config.yaml")

@@ -1,0 +1,188 @@
+"""What differs between the two stages: model, data, loss, evaluation, starting weights."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.shards import ShardLoader, build_loader
+from data.transforms import EvalTransform, MixupCutmix, SimMIMTransform, SupervisedTransform
+from models import SimMIM, SwinTransformerV2, encoder_state_dict, load_pretrained
+from models.flops import simmim_forward_flops, swinv2_forward_flops
+from pretrain import dist, rundir
+from pretrain.checkpoint import LATEST
+from pretrain.config import Config, ConfigError, SimMIMStageConfig, SupervisedStageConfig
+from pretrain.dist import DistContext
+from pretrain.engine import Engine, engine_class
+from pretrain.optim import build_param_groups
+
+log = logging.getLogger(__name__)
+
+
+class Stage:
+    """Shared wiring; subclasses say how to build the model, read the data and compute the loss."""
+
+    def __init__(self, cfg: Config, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+
+    def model_kwargs(self) -> dict[str, Any]:
+        kwargs = dataclasses.asdict(self.cfg.model)
+        for key in ("name", "grad_checkpointing"):
+            kwargs.pop(key)
+        return kwargs
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        o = self.cfg.stage.optim
+        return build_param_groups(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
+                                  depths=self.cfg.model.depths, no_decay_keywords=model.no_weight_decay_keywords())
+
+    def initial_weights(self) -> Callable[[nn.Module], None] | None:
+        return None
+
+    def flops_per_image(self) -> int:
+        raise NotImplementedError
+
+    def pixels(self) -> dict[str, Any]:
+        """Decoding and normalisation shared by every transform."""
+        d = self.cfg.data
+        return dict(mean=d.mean, std=d.std, decoder=d.decoder)
+
+    def _loader(self, urls: str, sample_fn, *, samples: int, resampled: bool, collate_fn=None) -> ShardLoader:
+        d = self.cfg.data
+        return build_loader(urls, sample_fn=sample_fn, batch_size=self.cfg.stage.micro_batch, rank=self.ctx.rank,
+                            world_size=self.ctx.world_size, num_workers=d.num_workers,
+                            shuffle_buffer=d.shuffle_buffer, resampled=resampled, samples_per_epoch=samples,
+                            seed=self.cfg.seed, collate_fn=collate_fn, num_classes=d.num_classes)
+
+    def train_loader(self) -> ShardLoader:
+        raise NotImplementedError
+
+    def loss(self, engine: Engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward one micro batch: (loss to backward, extra metrics)."""
+        raise NotImplementedError
+
+    def eval_due(self, step: int, total: int) -> bool:
+        return False
+
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        return {}
+
+
+class SimMIMStage(Stage):
+    def build_model(self) -> nn.Module:
+        st, m = self.cfg.stage, self.cfg.model
+        return SimMIM(encoder_stride=m.patch_size * 2 ** (len(m.depths) - 1), norm_target=st.norm_target,
+                      norm_target_patch=st.norm_target_patch, **self.model_kwargs())
+
+    def flops_per_image(self) -> int:
+        return simmim_forward_flops(dataclasses.asdict(self.cfg.model))
+
+    def train_loader(self) -> ShardLoader:
+        st, m = self.cfg.stage, self.cfg.model
+        transform = SimMIMTransform(img_size=m.img_size, crop_scale=st.crop_scale, mask_patch_size=st.mask_patch_size,
+                                    model_patch_size=m.patch_size, mask_ratio=st.mask_ratio, **self.pixels())
+        return self._loader(self.cfg.data.train_urls, transform, samples=self.cfg.data.samples_per_epoch,
+                            resampled=self.cfg.data.resampled)
+
+    def loss(self, engine, batch):
+        return engine.forward(batch["image"], batch["mask"])["loss"], {}
+
+
+class SupervisedStage(Stage):
+    def __init__(self, cfg: Config, ctx: DistContext):
+        super().__init__(cfg, ctx)
+        self.init_dir = self._resolve_init_from()
+        self._val: ShardLoader | None = None
+
+    def build_model(self) -> nn.Module:
+        return SwinTransformerV2(num_classes=self.cfg.data.num_classes, **self.model_kwargs())
+
+    def flops_per_image(self) -> int:
+        return swinv2_forward_flops(dataclasses.asdict(self.cfg.model), self.cfg.data.num_classes)
+
+    def _resolve_init_from(self) -> Path | None:
+        init_from = self.cfg.stage.init_from
+        if init_from == "none":
+            return None
+        run = rundir.run_dir(self.cfg, "simmim") if init_from == "auto" else Path(init_from)
+        directory = rundir.checkpoint_dir(run)
+        if not (directory / LATEST).exists():
+            raise ConfigError(f"stage.init_from={init_from}: no finished checkpoint in {directory} "
+                              "(run +stage=simmim first, or set stage.init_from=none)")
+        return directory
+
+    def initial_weights(self) -> Callable[[nn.Module], None] | None:
+        if self.init_dir is None:
+            return None
+        directory = self.init_dir
+
+        def load(model: nn.Module) -> None:
+            tag = (directory / LATEST).read_text().strip()
+            full = engine_class(self.cfg.engine.name).read_weights(directory, tag)
+            encoder = encoder_state_dict(full) if any(k.startswith("encoder.") for k in full) else full
+            result = load_pretrained(model, encoder)
+            dropped = sorted({k.split(".")[0] for k in full if not k.startswith("encoder.")} |
+                             ({"encoder.mask_token"} & set(full)))
+            log.info("init_from %s: loaded %d encoder tensors; dropped %s; new (not loaded) %s",
+                     directory / tag, len(encoder) - len(result.unexpected_keys), dropped, result.missing_keys)
+
+        return load
+
+    def train_loader(self) -> ShardLoader:
+        st, m, d = self.cfg.stage, self.cfg.model, self.cfg.data
+        transform = SupervisedTransform(img_size=m.img_size, crop_scale=st.crop_scale, randaug_ops=st.randaug_ops,
+                                        randaug_magnitude=st.randaug_magnitude, randaug_mstd=st.randaug_mstd,
+                                        reprob=st.reprob, **self.pixels())
+        # Soft targets always: one-hot + label smoothing, Mixup/CutMix when their alphas are > 0.
+        mix = MixupCutmix(num_classes=d.num_classes, mixup_alpha=st.mixup, cutmix_alpha=st.cutmix,
+                          label_smoothing=st.label_smoothing, prob=st.mixup_prob, switch_prob=st.switch_prob)
+        return self._loader(d.train_urls, transform, samples=d.samples_per_epoch, resampled=d.resampled,
+                            collate_fn=mix)
+
+    def loss(self, engine, batch):
+        logits = engine.forward(batch["image"]).float()
+        target = batch["target"].to(logits.device)
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean(), {}
+
+    def eval_due(self, step: int, total: int) -> bool:
+        every = self.cfg.stage.eval_every
+        return bool(self.cfg.data.val_urls) and (step == total or (every > 0 and step % every == 0))
+
+    @torch.no_grad()
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        """Top-1/top-5 over the val shards; every rank runs the same number of batches (ZeRO-3 needs it)."""
+        d, st = self.cfg.data, self.cfg.stage
+        if self._val is None:
+            transform = EvalTransform(img_size=self.cfg.model.img_size, crop_pct=st.eval_crop_pct, **self.pixels())
+            self._val = self._loader(d.val_urls, transform, samples=d.val_samples, resampled=False)
+        batches = st.eval_batches or self._val.batches_per_epoch
+        counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss sum, images
+        engine.module.eval()
+        for _ in range(batches):
+            batch = next(self._val)
+            logits = engine.forward(batch["image"]).float().cpu()
+            label = batch["label"]
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            counts[0] += (top5[:, 0] == label).sum()
+            counts[1] += (top5 == label[:, None]).any(-1).sum()
+            counts[2] += F.cross_entropy(logits, label, reduction="sum")
+            counts[3] += len(label)
+        engine.module.train()
+        top1, top5, loss, n = dist.all_reduce_sum(counts.to(self.ctx.device)).tolist()
+        return {"eval/top1": 100 * top1 / n, "eval/top5": 100 * top5 / n, "eval/loss": loss / n, "eval/images": n}
+
+
+def build_stage(cfg: Config, ctx: DistContext) -> Stage:
+    if isinstance(cfg.stage, SimMIMStageConfig):
+        return SimMIMStage(cfg, ctx)
+    if isinstance(cfg.stage, SupervisedStageConfig):
+        return SupervisedStage(cfg, ctx)
+    raise ConfigError(f"stage: no stage implementation for {type(cfg.stage).__name__}")

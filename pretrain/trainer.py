@@ -1,0 +1,117 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, stop on preemption."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from pretrain import dist, rundir
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import Config, grad_accum_steps, total_steps
+from pretrain.engine import Engine, build_engine
+from pretrain.loggers import RunLogger
+from pretrain.metrics import TrainMeter, peak_flops_per_s
+from pretrain.preemption import PreemptionWatcher
+from pretrain.progress import Progress
+from pretrain.schedule import WarmupCosine, scale_lr
+from pretrain.stages import Stage, build_stage
+
+log = logging.getLogger(__name__)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_schedule(cfg: Config, total: int) -> WarmupCosine:
+    o, batch = cfg.stage.optim, cfg.stage.global_batch
+    return WarmupCosine(scale_lr(o.lr, batch, o.reference_batch), o.warmup_steps, total,
+                        min_lr=scale_lr(o.min_lr, batch, o.reference_batch),
+                        warmup_lr=scale_lr(o.warmup_lr, batch, o.reference_batch))
+
+
+def train_step(stage: Stage, engine: Engine, loader, accum: int) -> tuple[torch.Tensor, dict, float]:
+    """One optimizer step over `accum` micro batches: (mean loss, mean extras, seconds waiting for data)."""
+    loss_sum, extras_sum, data_wait_s = torch.zeros(()), {}, 0.0
+    for _ in range(accum):
+        t = time.perf_counter()
+        batch = next(loader)
+        data_wait_s += time.perf_counter() - t
+        loss, extras = stage.loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().float().cpu()
+        for k, v in extras.items():
+            extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float().cpu()
+    return loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s
+
+
+def train(cfg: Config) -> None:
+    ctx = dist.init()
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    run = rundir.run_dir(cfg)
+    accum, total = grad_accum_steps(cfg, ctx.world_size), total_steps(cfg)
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+
+    seed_all(cfg.seed)  # the same initial weights on every rank
+    stage = build_stage(cfg, ctx)
+    engine = build_engine(cfg, ctx, stage, accum)
+    seed_all(cfg.seed + ctx.rank)  # per-rank randomness (drop path) from here on
+    loader = stage.train_loader()
+    checkpointer = Checkpointer(rundir.checkpoint_dir(run), ctx, cfg.checkpoint.keep_last)
+
+    step = 0
+    tag = checkpointer.latest_tag()
+    if tag is not None:
+        client = checkpointer.load(engine, tag)
+        loader.load_state_dict(client["loader"])
+        step = client["step"]
+        log.info("resumed from %s at step %d", checkpointer.dir / tag, step)
+    if ctx.is_main:
+        rundir.save_config(cfg, run)
+    log.info("%s: %d steps, global batch %d (micro %d x accumulation %d x world %d), run dir %s",
+             cfg.stage.name, total, cfg.stage.global_batch, cfg.stage.micro_batch, accum, ctx.world_size, run)
+
+    logger = RunLogger(run, cfg_dict, rank=ctx.rank, kind=cfg.logger.kind, project=cfg.logger.project,
+                       group=cfg.experiment_name, job_type=cfg.stage.name, mode=cfg.logger.mode,
+                       entity=cfg.logger.entity)
+    meter = TrainMeter(flops_per_image=stage.flops_per_image(), peak_flops=peak_flops_per_s(ctx.device, engine.dtype),
+                       world_size=ctx.world_size, device=ctx.device)
+    progress = Progress(total, rank=ctx.rank, start_step=step, desc=cfg.stage.name)
+    watcher = PreemptionWatcher()
+    schedule = lr_schedule(cfg, total)
+
+    while step < total:
+        t = time.perf_counter()
+        lr = schedule(step)
+        for group in engine.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        loss, extras, data_wait_s = train_step(stage, engine, loader, accum)
+        step += 1
+        meter.update(loss=loss, batch_size=cfg.stage.micro_batch * accum, step_s=time.perf_counter() - t,
+                     data_wait_s=data_wait_s, grad_norm=engine.grad_norm(),
+                     lrs={g["family"]: g["lr"] for g in engine.param_groups}, extras=extras)
+        progress.update(step, loss=loss.item())
+        if step % cfg.logger.every == 0 or step == total:
+            logger.log(step, meter.summary(loader.stats()))
+        if stage.eval_due(step, total):
+            metrics = stage.evaluate(engine)
+            logger.log(step, metrics)
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        stop = watcher.should_stop()
+        if stop or step % cfg.checkpoint.every_steps == 0 or step == total:
+            checkpointer.save(engine, step, {"loader": loader.state_dict(), "config": OmegaConf.to_yaml(cfg_dict)})
+        if stop:
+            log.info("stopping at step %d on %s; relaunch to resume", step, watcher.signal_name or "a peer's signal")
+            break
+
+    progress.close()
+    logger.finish()
+    dist.shutdown()
