@@ -1,0 +1,436 @@
+"""Swin Transformer V2 (arXiv 2111.09883), computed as microsoft/Swin-Transformer computes it.
+
+State-dict keys are the official ones (`layers.{i}.blocks.{j}.attn.cpb_mlp.0.weight`, downsampling at
+the end of stages 0-2, `head.weight`), so official checkpoints load after `checkpoint_filter_fn`.
+Shape-derived buffers (`relative_coords_table`, `relative_position_index`, `attn_mask`) are
+non-persistent: they are rebuilt from the target window, never loaded.
+
+Two additions the official code lacks:
+- `extra_norm_period`: the paper's extra main-branch LayerNorm "every 6 layers" for H/G. Counted per
+  stage (as timm's CR port does): block j of a stage gets `norm3` after its MLP residual when
+  (j + 1) % period == 0.
+- sequential attention: per stage, window attention in chunks of `attn_chunk_size` windows, each chunk
+  recomputed in backward, so no (windows, heads, N, N) score tensor is ever held whole.
+"""
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+GRAD_CHECKPOINTING_MODES = ("none", "torch", "torch_reentrant", "fairscale", "fairscale_offload")
+ATTN_IMPLS = ("sdpa", "plain")
+MAX_LOGIT_SCALE = math.log(1.0 / 0.01)  # cosine-attention temperature >= 0.01
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, window * window, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C).transpose(2, 3)
+    return x.reshape(-1, window * window, C)
+
+
+def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
+    """(B * nW, window * window, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window, W // window, window, window, C).transpose(2, 3)
+    return x.reshape(-1, H, W, C)
+
+
+def relative_coords_table(window: int, pretrained_window: int) -> torch.Tensor:
+    """Log-spaced CPB inputs, (2W-1, 2W-1, 2): offsets / (pretrained_window - 1) * 8, then
+    sign * log2(1 + |x|) / log2(8). Offsets inside the pretraining window keep their pretraining values."""
+    offsets = torch.arange(-(window - 1), window, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1)
+    divisor = (pretrained_window if pretrained_window > 0 else window) - 1
+    table = table / max(divisor, 1) * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """Index of each (query, key) pair's offset into the flattened (2W-1)^2 table, (N, N) int64."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, N, N), each in [0, 2W-2]
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
+def shift_attn_mask(H: int, W: int, window: int, shift: int) -> torch.Tensor:
+    """(nW, N, N) additive mask of the shifted-window pass: -100 between tokens of different regions."""
+    regions = torch.zeros(1, H, W, 1)
+    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, (hs, ws) in enumerate((h, w) for h in slices for w in slices):
+        regions[:, hs, ws, :] = i
+    regions = window_partition(regions, window).squeeze(-1)  # (nW, N)
+    mask = regions.unsqueeze(1) - regions.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0)
+
+
+def attend(q, k, v, bias, impl: str) -> torch.Tensor:
+    """softmax(q k^T + bias) v with q already cosine-normalised and scaled (no 1/sqrt(d))."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    return torch.softmax(q @ k.transpose(-2, -1) + bias, dim=-1) @ v
+
+
+def _attend_chunk(q, k, v, rel_bias, mask, start: int, impl: str) -> torch.Tensor:
+    """Attention for the chunk of flattened windows starting at `start`; the mask rows are gathered here
+    so that a checkpointed call saves nothing of chunk size."""
+    bias = rel_bias
+    if mask is not None:
+        rows = torch.arange(start, start + q.shape[0], device=mask.device) % mask.shape[0]
+        bias = rel_bias + mask.index_select(0, rows).unsqueeze(1)  # (c, nH, N, N)
+    return attend(q, k, v, bias, impl)
+
+
+class WindowAttention(nn.Module):
+    """Scaled cosine window attention with a log-spaced continuous position bias (CPB)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, pretrained_window_size: int,
+                 attn_impl: str, sequential: bool, chunk_size: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.pretrained_window_size = pretrained_window_size
+        self.attn_impl = attn_impl
+        self.sequential = sequential
+        self.chunk_size = chunk_size
+        self.logit_scale = nn.Parameter(torch.empty(num_heads, 1, 1))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.empty(dim))
+        self.v_bias = nn.Parameter(torch.empty(dim))
+        self.proj = nn.Linear(dim, dim)
+        N = window_size * window_size
+        self.register_buffer("relative_coords_table", torch.empty(2 * window_size - 1, 2 * window_size - 1, 2),
+                             persistent=False)
+        self.register_buffer("relative_position_index", torch.empty(N, N, dtype=torch.long), persistent=False)
+
+    def init_weights(self):
+        nn.init.constant_(self.logit_scale, math.log(10))
+        nn.init.zeros_(self.q_bias)
+        nn.init.zeros_(self.v_bias)
+
+    def init_buffers(self):
+        self.relative_coords_table.copy_(relative_coords_table(self.window_size, self.pretrained_window_size))
+        self.relative_position_index.copy_(relative_position_index(self.window_size))
+
+    def position_bias(self) -> torch.Tensor:
+        """16 * sigmoid(CPB), (nH, N, N). The sigmoid runs on the (2W-1)^2 table before the gather."""
+        table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table)).view(-1, self.num_heads)
+        N = self.window_size * self.window_size
+        return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B * nW, N, C), mask (nW, N, N) or None -> (B * nW, N, C)."""
+        B_, N, C = x.shape
+        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))  # k has no bias
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B_, nH, N, d)
+        scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
+        q = F.normalize(q, dim=-1) * scale
+        k = F.normalize(k, dim=-1)
+        rel_bias = self.position_bias()
+        if self.sequential:
+            out = self._sequential(q, k, v, rel_bias, mask)
+        elif mask is None:
+            out = attend(q, k, v, rel_bias, self.attn_impl)
+        else:  # broadcast the (nW, nH, N, N) bias over images instead of repeating it
+            nW = mask.shape[0]
+            q, k, v = (t.view(B_ // nW, nW, *t.shape[1:]) for t in (q, k, v))
+            out = attend(q, k, v, rel_bias + mask.unsqueeze(1), self.attn_impl).flatten(0, 1)
+        return self.proj(out.transpose(1, 2).reshape(B_, N, C))
+
+    def _sequential(self, q, k, v, rel_bias, mask) -> torch.Tensor:
+        recompute = torch.is_grad_enabled()
+        outs = []
+        chunks = zip(q.split(self.chunk_size), k.split(self.chunk_size), v.split(self.chunk_size))
+        for i, (qc, kc, vc) in enumerate(chunks):
+            args = (qc, kc, vc, rel_bias, mask, i * self.chunk_size, self.attn_impl)
+            if recompute:
+                outs.append(torch.utils.checkpoint.checkpoint(_attend_chunk, *args, use_reentrant=False))
+            else:
+                outs.append(_attend_chunk(*args))
+        return torch.cat(outs)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval or at rate 0)."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+
+class SwinTransformerBlock(nn.Module):
+    """Res-post-norm block: x + norm1(attn(x)), then x + norm2(mlp(x)) [, then norm3 on the main branch]."""
+
+    def __init__(self, dim: int, resolution: int, num_heads: int, window_size: int, shift: bool,
+                 pretrained_window_size: int, mlp_ratio: float, drop_path: float, extra_norm: bool,
+                 attn_impl: str, sequential: bool, chunk_size: int):
+        super().__init__()
+        self.resolution = resolution
+        if resolution <= window_size:  # one window covers the map: clamp it, nothing to shift
+            window_size, shift = resolution, False
+        if resolution % window_size:
+            raise ValueError(f"feature map {resolution}x{resolution} is not divisible by window_size {window_size}")
+        self.window_size = window_size
+        self.shift_size = window_size // 2 if shift else 0
+        self.attn = WindowAttention(dim, num_heads, window_size, pretrained_window_size, attn_impl, sequential,
+                                    chunk_size)
+        self.norm1 = nn.LayerNorm(dim)
+        self.drop_path = DropPath(drop_path)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim) if extra_norm else None
+        N, nW = window_size * window_size, (resolution // window_size) ** 2
+        self.register_buffer("attn_mask", torch.empty(nW, N, N) if self.shift_size else None, persistent=False)
+
+    def init_buffers(self):
+        if self.attn_mask is not None:
+            R = self.resolution
+            self.attn_mask.copy_(shift_attn_mask(R, R, self.window_size, self.shift_size))
+
+    def init_respostnorm(self):
+        for norm in (self.norm1, self.norm2):
+            nn.init.zeros_(norm.weight)
+            nn.init.zeros_(norm.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C)
+        B, L, C = x.shape
+        x = x + self.drop_path(self.norm1(self._window_attention(x.view(B, self.resolution, self.resolution, C))))
+        x = x + self.drop_path(self.norm2(self.mlp(x)))
+        return x if self.norm3 is None else self.norm3(x)
+
+    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, L, C)
+        B, H, W, C = x.shape
+        s = self.shift_size
+        if s:
+            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
+        x = self.attn(window_partition(x, self.window_size), self.attn_mask)
+        x = window_reverse(x, self.window_size, H, W)
+        if s:
+            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
+        return x.reshape(B, H * W, C)
+
+
+class PatchMerging(nn.Module):
+    """V2 merging: 2x2 neighbours -> 4C (official x0, x1, x2, x3 order) -> Linear to 2C -> LayerNorm(2C)."""
+
+    def __init__(self, dim: int, resolution: int):
+        super().__init__()
+        self.resolution = resolution
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x):  # (B, L, C) -> (B, L / 4, 2C)
+        B, L, C = x.shape
+        R = self.resolution
+        x = x.view(B, R // 2, 2, R // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, L // 4, 4 * C)
+        return self.norm(self.reduction(x))
+
+
+class BasicLayer(nn.Module):
+    """One stage: blocks, then (stages 0..n-2) patch merging, as in the official layout."""
+
+    def __init__(self, dim: int, resolution: int, depth: int, num_heads: int, window_size: int,
+                 pretrained_window_size: int, mlp_ratio: float, drop_path: Sequence[float], extra_norm_period: int,
+                 attn_impl: str, sequential: bool, chunk_size: int, downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(dim, resolution, num_heads, window_size, shift=j % 2 == 1,
+                                 pretrained_window_size=pretrained_window_size, mlp_ratio=mlp_ratio,
+                                 drop_path=drop_path[j],
+                                 extra_norm=extra_norm_period > 0 and (j + 1) % extra_norm_period == 0,
+                                 attn_impl=attn_impl, sequential=sequential, chunk_size=chunk_size)
+            for j in range(depth))
+        self.downsample = PatchMerging(dim, resolution) if downsample else None
+        self.grad_checkpointing = "none"
+
+    def forward(self, x):
+        for blk in self.blocks:
+            if self.grad_checkpointing in ("torch", "torch_reentrant") and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=self.grad_checkpointing != "torch")
+            else:  # fairscale modes patch blk.forward itself
+                x = blk(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, L, C)
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+def _per_stage(name: str, value, n: int) -> list:
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but depths has {n} stages")
+    return values
+
+
+class SwinTransformerV2(nn.Module):
+    def __init__(self, img_size: int = 192, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 12, pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0),
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, extra_norm_period: int = 0,
+                 sequential_attn: Sequence[bool] | bool = False, attn_chunk_size: int = 16,
+                 attn_impl: str = "sdpa"):
+        super().__init__()
+        n = len(depths)
+        num_heads = _per_stage("num_heads", num_heads, n)
+        pretrained_window_sizes = _per_stage("pretrained_window_sizes", pretrained_window_sizes, n)
+        sequential_attn = _per_stage("sequential_attn", sequential_attn, n)
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        if any(sequential_attn) and attn_chunk_size < 1:
+            raise ValueError(f"attn_chunk_size must be >= 1 when sequential_attn is on, got {attn_chunk_size}")
+        if img_size % (patch_size * 2 ** (n - 1)):
+            raise ValueError(f"img_size {img_size} must be divisible by patch_size * 2^(stages-1) "
+                             f"= {patch_size * 2 ** (n - 1)}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.num_features = embed_dim * 2 ** (n - 1)
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        # The modules' default inits would draw from the RNG; init_weights() draws everything afterwards,
+        # so a normal build and a meta build + init_weights() get identical weights from the same seed.
+        with torch.random.fork_rng(devices=[]):
+            self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+            self.layers = nn.ModuleList()
+            for i in range(n):
+                self.layers.append(BasicLayer(
+                    embed_dim * 2 ** i, img_size // patch_size // 2 ** i, depths[i], num_heads[i], window_size,
+                    pretrained_window_sizes[i], mlp_ratio, drop_path[sum(depths[:i]):sum(depths[:i + 1])],
+                    extra_norm_period, attn_impl, sequential_attn[i], attn_chunk_size, downsample=i < n - 1))
+            self.norm = nn.LayerNorm(self.num_features)
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if not self.norm.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Official init: Linear trunc_normal(0.02) / bias 0, LayerNorm 1 / 0, the patch conv PyTorch's default,
+        then the res-post norms of every block zeroed; and the buffers rebuilt. Same RNG draws in the same
+        order whether the model was built normally or on the meta device and materialised with to_empty()."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+            elif isinstance(m, WindowAttention):
+                m.init_weights()
+        for blk in self.blocks():
+            blk.init_respostnorm()
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self):
+        """Rebuild the shape-derived buffers (after to_empty(), or after a change of device)."""
+        for m in self.modules():
+            if isinstance(m, (WindowAttention, SwinTransformerBlock)):
+                m.init_buffers()
+
+    def blocks(self) -> list[nn.Module]:
+        return [blk for layer in self.layers for blk in layer.blocks]
+
+    def set_grad_checkpointing(self, mode: str = "torch"):
+        if mode not in GRAD_CHECKPOINTING_MODES:
+            raise ValueError(f"grad_checkpointing must be one of {GRAD_CHECKPOINTING_MODES}, got {mode!r}")
+        for layer in self.layers:
+            layer.grad_checkpointing = mode
+            for blk in layer.blocks:
+                blk.__dict__.pop("forward", None)  # undo an earlier fairscale wrap
+                if mode.startswith("fairscale"):
+                    from fairscale.nn.checkpoint import checkpoint_wrapper
+                    checkpoint_wrapper(blk, offload_to_cpu=mode == "fairscale_offload")
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"cpb_mlp", "logit_scale", "relative_position_bias_table"}
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, L, C) -> features (B, L_last, C_last) after the final norm."""
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        return self.forward_tokens(self.patch_embed(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x).mean(1))
+
+
+_REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask", "attn.k_bias")
+
+
+def checkpoint_filter_fn(state_dict: dict, model: SwinTransformerV2) -> dict:
+    """Map a foreign state dict onto this model's (official) keys: unwraps `model`/`state_dict`, strips a
+    SimMIM `encoder.` prefix (dropping the decoder), renames `rpe_mlp` -> `cpb_mlp`, undoes timm's layout
+    (downsample at the start of the next stage, `head.fc.`), and drops the buffers rebuilt for the target
+    window. A head whose shape differs from the model's (or a headless model) is dropped."""
+    for key in ("model", "state_dict", "module"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    if any(k.startswith("encoder.") for k in state_dict):
+        state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    timm_layout = ("layers.0.downsample.reduction.weight" not in state_dict
+                   and "layers.1.downsample.reduction.weight" in state_dict)
+    own = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        if any(b in k for b in _REBUILT_BUFFERS) or k == "mask_token" and "mask_token" not in own:
+            continue
+        k = k.replace("rpe_mlp", "cpb_mlp")
+        if timm_layout:
+            if ".downsample." in k:
+                i = int(k.split(".")[1])
+                k = k.replace(f"layers.{i}.", f"layers.{i - 1}.", 1)
+            k = k.replace("head.fc.", "head.")
+        if k.startswith("head.") and (k not in own or own[k].shape != v.shape):
+            continue
+        out[k] = v
+    return out
+
+
+def load_pretrained(model: SwinTransformerV2, state_dict: dict):
+    """Load a checkpoint in any known layout. Everything but the head must match: unexpected keys or
+    shape mismatches raise, a missing head is reported in the returned IncompatibleKeys."""
+    filtered = checkpoint_filter_fn(state_dict, model)
+    own = model.state_dict()
+    unexpected = sorted(set(filtered) - set(own))
+    mismatched = sorted(k for k in filtered if k in own and own[k].shape != filtered[k].shape)
+    missing = sorted(k for k in set(own) - set(filtered) if not k.startswith("head.") and k != "mask_token")
+    if unexpected or mismatched or missing:
+        raise ValueError(f"checkpoint does not fit the model: unexpected {unexpected[:5]}, "
+                         f"shape mismatch {mismatched[:5]}, missing {missing[:5]}")
+    return model.load_state_dict(filtered, strict=False)
