@@ -56,7 +56,7 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
             shards = [ln if not _is_local(ln) or os.path.isabs(ln) else os.path.join(base, ln) for ln in lines]
         else:
-            shards = wds.shardlists.expand_urls(urls)
+            shards = [s for s in wds.shardlists.expand_urls(urls) if s.strip()]
     else:
         shards = [s for u in urls for s in expand_urls(u)]
     if not shards:

@@ -46,8 +46,8 @@ def random_resized_box(width: int, height: int, scale: Sequence[float], ratio: S
     return left, top, left + w, top + h
 
 
-def center_box(width: int, height: int, img_size: int, crop_pct: float):
-    """The source region that 'resize shorter side to img_size/crop_pct, center crop img_size' keeps."""
+def center_box(width: int, height: int, crop_pct: float):
+    """The source region that 'resize the shorter side to S / crop_pct, center crop S x S' keeps."""
     side = min(width, height) * crop_pct
     left, top = (width - side) / 2, (height - side) / 2
     return left, top, left + side, top + side
@@ -164,7 +164,7 @@ class EvalTransform:
         self.mean, self.std, self.decoder = list(mean), list(std), decoder
 
     def __call__(self, data: bytes) -> dict:
-        img = decode_crop_resize(data, lambda w, h: center_box(w, h, self.img_size, self.crop_pct),
+        img = decode_crop_resize(data, lambda w, h: center_box(w, h, self.crop_pct),
                                  (self.img_size, self.img_size), interpolation=self.interpolation,
                                  decoder=self.decoder)
         return dict(image=_to_normalized(img, self.mean, self.std))

@@ -1,0 +1,137 @@
+import io
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from data.decode import encode_jpeg
+from data.demo import make_image
+from data.shards import build_loader, expand_urls
+from data.transforms import EvalTransform
+
+PATTERN = "train-{000000..000007}.tar"
+
+
+def write_tar(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def read_tar(path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def loader(urls, **kw):
+    args = dict(sample_fn=EvalTransform(img_size=32), batch_size=4, rank=0, world_size=1, num_workers=0,
+                shuffle_buffer=10, resampled=False, samples_per_epoch=192, seed=0, num_classes=10)
+    return build_loader(str(urls), **{**args, **kw})
+
+
+def take(ld, n):
+    return [next(ld) for _ in range(n)]
+
+
+def test_urls_from_brace_pattern_and_shard_list(demo_dir):
+    shards = expand_urls(str(demo_dir / PATTERN))
+    assert [os.path.basename(s) for s in shards] == [f"train-{i:06d}.tar" for i in range(8)]
+    assert expand_urls(str(demo_dir / "train.txt")) == shards  # list entries are relative to the list
+    assert expand_urls([str(demo_dir / PATTERN), "pipe:cat x.tar"])[-1] == "pipe:cat x.tar"
+
+
+def test_missing_shard_and_empty_pattern_are_clear_errors(demo_dir):
+    with pytest.raises(FileNotFoundError, match=r"2 of 10 shards .* do not exist, first: .*train-000008.tar"):
+        loader(demo_dir / "train-{000000..000009}.tar")
+    with pytest.raises(ValueError, match="matches no shards"):
+        loader("")
+    with pytest.raises(FileNotFoundError, match="shard-list file"):
+        loader(demo_dir / "nope.txt")
+
+
+def test_too_few_shards_for_ranks_times_workers_says_how_many(demo_dir):
+    with pytest.raises(ValueError, match=r"8 shards .* too few for 3 ranks x 3 workers: at least 9"):
+        loader(demo_dir / PATTERN, world_size=3, num_workers=3)
+    ld = loader(demo_dir / PATTERN, world_size=3, num_workers=3, resampled=True)  # draws with replacement
+    assert ld.batches_per_epoch == 192 // (3 * 4)
+
+
+def test_batches_and_epochs(demo_dir):
+    ld = loader(demo_dir / PATTERN, samples_per_epoch=50)  # 12 batches of 4 per epoch, 2 samples carried on
+    assert ld.batches_per_epoch == 12
+    batches = take(ld, 30)
+    assert ld.epoch == 2 and ld.stats()["samples"] == 120
+    assert all(b["image"].shape == (4, 3, 32, 32) and b["label"].dtype == torch.int64 for b in batches)
+    # one pass over the 192 samples without replacement: every demo key once in the first 48 batches
+    labels = torch.cat([b["label"] for b in batches + take(ld, 18)])
+    assert len(labels) == 192 and labels.bincount(minlength=10).min() > 5
+
+
+def test_shuffle_buffer_mixes_and_seed_changes_order(demo_dir):
+    plain = torch.cat([b["label"] for b in take(loader(demo_dir / PATTERN, shuffle_buffer=0), 6)])
+    mixed = torch.cat([b["label"] for b in take(loader(demo_dir / PATTERN, shuffle_buffer=48), 6)])
+    again = torch.cat([b["label"] for b in take(loader(demo_dir / PATTERN, shuffle_buffer=48), 6)])
+    other = torch.cat([b["label"] for b in take(loader(demo_dir / PATTERN, shuffle_buffer=48, seed=1), 6)])
+    assert torch.equal(mixed, again) and not torch.equal(mixed, plain) and not torch.equal(mixed, other)
+
+
+@pytest.mark.parametrize("num_workers,resampled", [(2, False), (2, True), (0, False)])
+def test_resume_replays_the_same_batches(demo_dir, num_workers, resampled):
+    kw = dict(num_workers=num_workers, resampled=resampled, shuffle_buffer=16)
+    ref = take(loader(demo_dir / PATTERN, **kw), 9)
+    ld = loader(demo_dir / PATTERN, **kw)
+    take(ld, 5)
+    state = ld.state_dict()
+    resumed = loader(demo_dir / PATTERN, **kw)
+    resumed.load_state_dict(state)
+    assert resumed.batches == 5
+    for a, b in zip(ref[5:], take(resumed, 4)):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_resume_needs_the_same_world_and_workers(demo_dir):
+    state = loader(demo_dir / PATTERN, num_workers=2).state_dict()
+    with pytest.raises(ValueError, match=r"\(seed, world_size, num_workers\) = \(0, 1, 2\)"):
+        loader(demo_dir / PATTERN, num_workers=1).load_state_dict(state)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    img = encode_jpeg(make_image(1, np.random.default_rng(0), 64, 48))
+    write_tar(tmp_path / "bad.tar", {
+        "a.jpg": b"\xff\xd8garbage", "a.cls": b"1",  # undecodable image
+        "b.jpg": img, "b.cls": b"one",  # non-integer label
+        "c.jpg": img,  # no label
+        "d.jpg": img, "d.cls": b"12",  # label out of range (10 classes)
+        "e.png": img, "e.cls": b"2", "e.pyd": b"\x80\x04K\x01.",  # a pickle member is never read
+    })
+    ld = loader(tmp_path / "bad.tar", batch_size=1, shuffle_buffer=0)
+    batch = next(ld)  # the only good sample comes after the four bad ones
+    assert batch["label"].tolist() == [2] and set(batch) == {"image", "label"}
+    stats = ld.stats()
+    assert (stats["bad_image"], stats["bad_label"], stats["skipped_samples"], stats["samples"]) == (1, 3, 4, 1)
+    next(ld)  # the stream goes round again: everything counted again
+    assert ld.stats()["skipped_samples"] == 8
+
+
+def test_truncated_tar_is_counted_and_its_readable_part_used(demo_dir, tmp_path):
+    data = (demo_dir / "train-000002.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])  # cut mid-member
+    ld = loader(tmp_path / "cut.tar", batch_size=1, shuffle_buffer=0)
+    images = [next(ld)["image"] for _ in range(30)]  # 24 whole samples exist: several passes
+    per_pass = next(i for i in range(1, 30) if torch.equal(images[i], images[0]))
+    assert 5 < per_pass < 24
+    assert all(torch.equal(a, b) for a, b in zip(images[:per_pass], images[per_pass:2 * per_pass]))
+    assert ld.stats()["shard_errors"] >= 2
+
+
+def test_a_stream_with_no_readable_sample_fails_instead_of_hanging(tmp_path):
+    for i in range(2):
+        (tmp_path / f"junk-{i}.tar").write_bytes(b"not a tar at all" * 100)
+    ld = loader(tmp_path / "junk-{0..1}.tar")
+    with pytest.raises(RuntimeError, match="held no readable sample"):
+        next(ld)
