@@ -8,39 +8,61 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.simmim import SimMIM
 from models.swinv2 import SwinTransformerV2, load_pretrained
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(REPO)]
+from scripts.convert_checkpoint import main as convert_main  # noqa: E402
 from zero_checkpoint_job import TINY  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
 
 
-def train_and_save(out_dir: Path, zero_stage: int, model: str) -> Path:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A ZeRO-3 SwinV2 run and a ZeRO-2 SimMIM run, trained and saved by 2 gloo ranks."""
+    out_dir = tmp_path_factory.mktemp("zero")
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-           str(HERE / "zero_checkpoint_job.py"), str(out_dir), "--zero-stage", str(zero_stage), "--model", model]
+           str(HERE / "zero_checkpoint_job.py"), str(out_dir), "swinv2:3", "simmim:2"]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out_dir
 
 
-def convert(*args) -> subprocess.CompletedProcess:
+@pytest.fixture
+def zero3_run(runs):
+    return runs / "swinv2_zero3"
+
+
+@pytest.fixture
+def simmim_zero2_run(runs):
+    return runs / "simmim_zero2"
+
+
+def convert_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts/convert_checkpoint.py"), *map(str, args)],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory):
-    return train_and_save(tmp_path_factory.mktemp("zero3"), zero_stage=3, model="swinv2")
+def convert(*args) -> None:
+    """In-process, to skip an interpreter start per call."""
+    convert_main([str(a) for a in args])
+
+
+def convert_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        convert(*args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 @pytest.mark.dist
 def test_zero3_checkpoint_converts_to_a_plain_model_with_the_engine_outputs(zero3_run, tmp_path):
     out = tmp_path / "swinv2.pt"
-    proc = convert(zero3_run / "checkpoints", out)
+    proc = convert_cli(zero3_run / "checkpoints", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     file = torch.load(out, weights_only=True)
@@ -59,31 +81,60 @@ def test_zero3_checkpoint_converts_to_a_plain_model_with_the_engine_outputs(zero
 
 
 @pytest.mark.dist
+def test_simmim_zero2_checkpoint_keeps_encoder_and_decoder_names(simmim_zero2_run, tmp_path):
+    convert(simmim_zero2_run / "checkpoints", tmp_path / "simmim.pt")
+    state_dict = torch.load(tmp_path / "simmim.pt", weights_only=True)["model"]
+    assert {k.split(".")[0] for k in state_dict} == {"encoder", "decoder"}
+    model = SimMIM(encoder_stride=8, norm_target=False, **TINY).eval()
+    model.load_state_dict(state_dict, strict=True)
+    ref = torch.load(simmim_zero2_run / "outputs.pt", weights_only=True)
+    with torch.no_grad():
+        reconstruction = model(ref["images"], ref["mask"])["reconstruction"]
+    torch.testing.assert_close(reconstruction, ref["outputs"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.dist
+def test_encoder_only_gives_the_bare_swinv2_of_a_simmim_run(simmim_zero2_run, tmp_path):
+    convert(simmim_zero2_run / "checkpoints", tmp_path / "full.pt")
+    convert(simmim_zero2_run / "checkpoints", tmp_path / "encoder.pt", "--encoder-only")
+    full = torch.load(tmp_path / "full.pt", weights_only=True)["model"]
+    encoder = torch.load(tmp_path / "encoder.pt", weights_only=True)["model"]
+    assert not any(k.startswith(("encoder.", "decoder.")) or k == "mask_token" for k in encoder)
+
+    bare = SwinTransformerV2(num_classes=0, **TINY).eval()
+    load_pretrained(bare, {"model": encoder})
+    simmim = SimMIM(encoder_stride=8, norm_target=False, **TINY).eval()
+    simmim.load_state_dict(full, strict=True)
+    images = torch.load(simmim_zero2_run / "outputs.pt", weights_only=True)["images"]
+    with torch.no_grad():  # with nothing masked the SimMIM encoder is the bare SwinV2
+        features = bare.forward_features(images)  # (B, L, C)
+        expected = simmim.encoder(images, torch.zeros(2, 8, 8)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(features, expected)
+
+
+@pytest.mark.dist
 def test_tag_folder_and_tag_option_give_the_same_file(zero3_run, tmp_path):
-    assert convert(zero3_run / "checkpoints" / "step3", tmp_path / "a.pt").returncode == 0
-    assert convert(zero3_run / "checkpoints", tmp_path / "b.pt", "--tag", "step3").returncode == 0
+    convert(zero3_run / "checkpoints" / "step3", tmp_path / "a.pt")
+    convert(zero3_run / "checkpoints", tmp_path / "b.pt", "--tag", "step3")
     a = torch.load(tmp_path / "a.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.dist
-def test_encoder_only_refuses_a_bare_swinv2_checkpoint(zero3_run, tmp_path):
-    proc = convert(zero3_run / "checkpoints", tmp_path / "x.pt", "--encoder-only")
-    assert proc.returncode != 0 and "--encoder-only needs a SimMIM checkpoint" in proc.stderr
+def test_encoder_only_refuses_a_bare_swinv2_checkpoint(zero3_run, tmp_path, capsys):
+    err = convert_error(capsys, zero3_run / "checkpoints", tmp_path / "x.pt", "--encoder-only")
+    assert "--encoder-only needs a SimMIM checkpoint" in err
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_bad_folders_are_named(tmp_path):
-    proc = convert(tmp_path / "nowhere", tmp_path / "x.pt")
-    assert proc.returncode != 0 and "nowhere does not exist" in proc.stderr
+def test_bad_folders_are_named(tmp_path, capsys):
+    assert "nowhere does not exist" in convert_error(capsys, tmp_path / "nowhere", tmp_path / "x.pt")
     (tmp_path / "ckpt").mkdir()
-    proc = convert(tmp_path / "ckpt", tmp_path / "x.pt")
-    assert proc.returncode != 0 and "is not a checkpoint" in proc.stderr
+    assert "is not a checkpoint" in convert_error(capsys, tmp_path / "ckpt", tmp_path / "x.pt")
     (tmp_path / "ckpt" / "latest").write_text("step9\n")
-    proc = convert(tmp_path / "ckpt", tmp_path / "x.pt")
-    assert proc.returncode != 0 and "step9 does not exist" in proc.stderr
+    assert "step9 does not exist" in convert_error(capsys, tmp_path / "ckpt", tmp_path / "x.pt")
     (tmp_path / "ckpt" / "step9").mkdir()
     (tmp_path / "ckpt" / "step9" / ".metadata").write_bytes(b"")
-    proc = convert(tmp_path / "ckpt", tmp_path / "x.pt")
-    assert proc.returncode != 0 and "no reader for checkpoint format 'dcp'" in proc.stderr
+    err = convert_error(capsys, tmp_path / "ckpt", tmp_path / "x.pt")
+    assert "no reader for checkpoint format 'dcp'" in err

@@ -1,7 +1,8 @@
-"""torchrun job for test_convert_checkpoint: train a tiny model a few steps under DeepSpeed ZeRO, save a
-checkpoint on every rank, and save (rank 0) the engine's outputs for a fixed input.
+"""torchrun job for test_convert_checkpoint: for each MODEL:ZERO_STAGE, train a tiny model a few steps
+under DeepSpeed ZeRO, save a checkpoint on every rank to OUT_DIR/<model>_zero<stage>/checkpoints, and save
+(rank 0) the engine's outputs for a fixed input next to it. One launch for all runs saves start-up time.
 
-    torchrun --nproc_per_node=2 zero_checkpoint_job.py OUT_DIR --zero-stage 3 --model swinv2|simmim
+    torchrun --nproc_per_node=2 zero_checkpoint_job.py OUT_DIR swinv2:3 simmim:2
 """
 
 import argparse
@@ -21,7 +22,7 @@ def build(kind: str) -> torch.nn.Module:
         from models.swinv2 import SwinTransformerV2
         return SwinTransformerV2(num_classes=5, **TINY)
     from models.simmim import SimMIM
-    return SimMIM(encoder_stride=16, norm_target=False, **TINY)
+    return SimMIM(encoder_stride=8, norm_target=False, **TINY)
 
 
 def run(model: torch.nn.Module, kind: str, images: torch.Tensor, mask: torch.Tensor):
@@ -32,50 +33,52 @@ def run(model: torch.nn.Module, kind: str, images: torch.Tensor, mask: torch.Ten
     return out["loss"], out["reconstruction"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--zero-stage", type=int, default=3)
-    parser.add_argument("--model", choices=("swinv2", "simmim"), default="swinv2")
-    args = parser.parse_args()
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
+def train_and_save(kind: str, zero_stage: int, out_dir: Path) -> None:
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": args.zero_stage},
+        "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 1.0,
     }
     torch.manual_seed(0)
     # Built whole, then partitioned by deepspeed.initialize: the checkpoint is the same either way, and
     # this keeps the test about conversion rather than about sharded construction.
-    model = build(args.model)
-    keywords = model.no_weight_decay_keywords() if args.model == "swinv2" else {"cpb_mlp", "logit_scale",
-                                                                                "mask_token"}
+    model = build(kind)
     groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.9, depths=TINY["depths"],
-                                no_decay_keywords=keywords)
+                                no_decay_keywords=model.no_weight_decay_keywords())
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
+    rank = torch.distributed.get_rank()
     gen = torch.Generator().manual_seed(100 + rank)
     mask = (torch.rand(2, 8, 8, generator=gen) > 0.5).float()
     for _ in range(3):  # Adam moves every weight away from its init, so a stale conversion shows
-        loss, _ = run(engine, args.model, torch.randn(2, 3, 32, 32, generator=gen), mask)
+        loss, _ = run(engine, kind, torch.randn(2, 3, 32, 32, generator=gen), mask)
         engine.backward(loss)
         engine.step()
-    engine.save_checkpoint(str(args.out_dir / "checkpoints"), tag="step3")
+    engine.save_checkpoint(str(out_dir / "checkpoints"), tag="step3")
 
     engine.eval()
     gen = torch.Generator().manual_seed(7)
     images = torch.randn(2, 3, 32, 32, generator=gen)
     mask = (torch.rand(2, 8, 8, generator=gen) > 0.5).float()
     with torch.no_grad():
-        _, outputs = run(engine, args.model, images, mask)
+        _, outputs = run(engine, kind, images, mask)
     if rank == 0:
-        torch.save({"images": images, "mask": mask, "outputs": outputs}, args.out_dir / "outputs.pt")
+        torch.save({"images": images, "mask": mask, "outputs": outputs}, out_dir / "outputs.pt")
     torch.distributed.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("runs", nargs="+", help="MODEL:ZERO_STAGE, MODEL in swinv2 | simmim")
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    for spec in args.runs:
+        kind, stage = spec.split(":")
+        train_and_save(kind, int(stage), args.out_dir / f"{kind}_zero{stage}")
 
 
 if __name__ == "__main__":
