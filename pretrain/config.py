@@ -88,6 +88,7 @@ class LoggerConfig:
     mode: str = "offline"  # WANDB_MODE in the environment wins
     entity: Optional[str] = None
     every: int = 10  # log every N optimizer steps
+    image_every: int = 100  # SimMIM reconstruction panels every N optimizer steps; 0 = off
 
 
 @dataclass

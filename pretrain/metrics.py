@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 TRAIN_FLOPS_PER_FORWARD = 3
+# Loader stats that are a position, not a count: the same on every rank, so not summed over ranks.
+POSITION_STATS = {"epoch"}
 
 # Dense (no structured sparsity) peak FLOP/s per GPU from NVIDIA's data sheets. fp32 is the plain CUDA-core
 # rate: torch runs fp32 matmuls without TF32 unless the user allows it. Most specific names first.
@@ -150,9 +152,11 @@ class TrainMeter:
         if self.grad_norms:
             means.append(sum(self.grad_norms) / len(self.grad_norms))
         means += [self.step_s / max(self.steps, 1), self.data_wait_s / max(self.step_s, 1e-12)]
-        stats = sorted((loader_stats or {}).items())
-        sums = [self.images, *(v for _, v in stats)]
-        maxes = [self.nan_skips, peak_memory_bytes(self.device)]
+        stats = loader_stats or {}
+        counts = sorted(k for k in stats if k not in POSITION_STATS)
+        positions = sorted(k for k in stats if k in POSITION_STATS)
+        sums = [self.images, *(stats[k] for k in counts)]
+        maxes = [self.nan_skips, peak_memory_bytes(self.device), *(stats[k] for k in positions)]
         means, sums, maxes = self._all_reduce(means, sums, maxes)
 
         it = iter(means)
@@ -172,7 +176,7 @@ class TrainMeter:
             "perf/peak_mem_bytes": int(maxes[1]),
             "train/nan_skips": int(maxes[0]),
         })
-        out.update({f"data/{k}": int(v) for (k, _), v in zip(stats, sums[1:])})
+        out.update({f"data/{k}": int(v) for k, v in zip(counts + positions, sums[1:] + maxes[2:])})
         self._reset()
         return out
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +20,7 @@ from pretrain.checkpoint import LATEST
 from pretrain.config import Config, ConfigError, SimMIMStageConfig, SupervisedStageConfig
 from pretrain.dist import DistContext
 from pretrain.engine import Engine, engine_class
+from pretrain.loggers import simmim_panel
 from pretrain.optim import build_param_groups
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,10 @@ class Stage:
         """Forward one micro batch: (loss to backward, extra metrics)."""
         raise NotImplementedError
 
+    def images(self) -> dict[str, np.ndarray]:
+        """Pictures of the last micro batch for the logger (HWC uint8), where the stage has any."""
+        return {}
+
     def eval_due(self, step: int, total: int) -> bool:
         return False
 
@@ -93,7 +99,16 @@ class SimMIMStage(Stage):
                             resampled=self.cfg.data.resampled)
 
     def loss(self, engine, batch):
-        return engine.forward(batch["image"], batch["mask"])["loss"], {}
+        out = engine.forward(batch["image"], batch["mask"])
+        self._last = (batch["image"][0], batch["mask"][0], out["reconstruction"][0].detach())  # for images()
+        return out["loss"], {}
+
+    def images(self) -> dict[str, np.ndarray]:
+        st, d = self.cfg.stage, self.cfg.data
+        image, mask, reconstruction = self._last
+        panel = simmim_panel(image, mask, reconstruction, d.mean, d.std,
+                             norm_target_patch=st.norm_target_patch if st.norm_target else None)
+        return {"simmim/reconstruction": panel}
 
 
 class SupervisedStage(Stage):

@@ -98,9 +98,14 @@ def train(cfg: Config) -> None:
         meter.update(loss=loss, batch_size=cfg.stage.micro_batch * accum, step_s=time.perf_counter() - t,
                      data_wait_s=data_wait_s, grad_norm=engine.grad_norm(),
                      lrs={g["family"]: g["lr"] for g in engine.param_groups}, extras=extras)
-        progress.update(step, loss=loss.item())
+        img_per_s = None
         if step % cfg.logger.every == 0 or step == total:
-            logger.log(step, meter.summary(loader.stats()))
+            metrics = meter.summary(loader.stats())  # collective: every rank
+            logger.log(step, metrics)
+            img_per_s = metrics["perf/img_per_s"]
+        progress.update(step, loss=loss.item(), img_per_s=img_per_s)
+        if ctx.is_main and cfg.logger.image_every and step % cfg.logger.image_every == 0:
+            logger.log_images(step, stage.images())
         if stage.eval_due(step, total):
             metrics = stage.evaluate(engine)
             logger.log(step, metrics)

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=2 log_job.py RUN_DIR --kind wandb --start-step 0 --steps 12
 
-Rank r reports loss r + 1 and r + 1 skipped samples, so the summaries show whether ranks were reduced.
+Rank r reports loss r + 1 and r + 1 skipped samples (epoch 1 on both), so the summaries show how ranks were
+reduced.
 """
 
 import argparse
@@ -37,7 +38,7 @@ def main() -> None:
                      grad_norm=torch.tensor(2.0), lrs={"backbone": 1e-3 * step, "head": 1e-2},
                      extras={"l1_masked": torch.tensor(0.25)})
         if step % LOG_EVERY == 0:
-            logger.log(step, meter.summary({"skipped_samples": rank + 1}))
+            logger.log(step, meter.summary({"skipped_samples": rank + 1, "epoch": 1}))
         if step % IMAGE_EVERY == 0:
             panel = np.full((8, 20, 3), step, np.uint8)
             logger.log_images(step, {"simmim/reconstruction": panel})

@@ -58,6 +58,7 @@ def test_offline_run_has_every_metric_at_every_log_step(first_run):
     assert EXPECTED_KEYS <= set(rows[0])
     assert rows[0]["train/loss"] == 1.5  # mean of rank 0 (1.0) and rank 1 (2.0)
     assert rows[0]["data/skipped_samples"] == 3  # 1 + 2, summed over ranks
+    assert rows[0]["data/epoch"] == 1  # a position, not a count
     assert rows[0]["perf/img_per_s"] == pytest.approx(16.0)  # 2 ranks x 4 images / 0.5 s
     assert rows[0]["perf/mfu"] == pytest.approx(3 * 1e9 * 8.0 / 1e12)
     assert rows[-1]["lr/backbone"] == pytest.approx(12e-3)
