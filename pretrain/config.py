@@ -82,6 +82,13 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FSDPConfig:
+    name: str = "fsdp"
+    precision: str = "bf16"  # bf16 | fp32
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class LoggerConfig:
     kind: str = "wandb"  # wandb | none
     project: str = "swinv2-pretrain"
@@ -171,6 +178,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="schema_simmim", node=SimMIMStageConfig)
     cs.store(group="stage", name="schema_supervised", node=SupervisedStageConfig)
     cs.store(group="engine", name="schema_deepspeed", node=DeepSpeedConfig)
+    cs.store(group="engine", name="schema_fsdp", node=FSDPConfig)
 
 
 def available_stages() -> list[str]:
@@ -218,6 +226,8 @@ def validate(cfg: Config, world_size: int) -> None:
            "must be divisible by patch_size x 2^(stages-1)")
     if isinstance(cfg.engine, DeepSpeedConfig):
         _one_of(cfg.engine.zero_stage, {1, 2, 3}, "engine.zero_stage")
+        _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
+    if isinstance(cfg.engine, FSDPConfig):
         _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
     _one_of(cfg.logger.kind, {"wandb", "none"}, "logger.kind")
     _one_of(cfg.data.decoder, {"simplejpeg", "pillow"}, "data.decoder")

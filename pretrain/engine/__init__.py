@@ -10,6 +10,9 @@ def engine_class(name: str) -> type[Engine]:
     if name == "deepspeed":
         from pretrain.engine.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine
+    if name == "fsdp":
+        from pretrain.engine.fsdp import FSDPEngine
+        return FSDPEngine
     raise ValueError(f"engine.name: unknown engine {name!r}")
 
 
