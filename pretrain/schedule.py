@@ -8,8 +8,6 @@ top of the official code's own scaling, squaring it: one place avoids that).
 
 import math
 
-import torch
-
 
 def scale_lr(lr: float, global_batch: int, reference_batch: int | None = 512) -> float:
     """The linear scaling rule: `lr` is the value for `reference_batch` images per step.
@@ -72,7 +70,7 @@ class WarmupCosine:
                 f"total_steps={self.total_steps}, min_lr={self.min_lr}, warmup_lr={self.warmup_lr})")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to `lr * group["lr_scale"]` (1 where a group has no scale)."""
-    for group in optimizer.param_groups:
+def set_lr(param_groups: list[dict], lr: float) -> None:
+    """Set every optimizer group's lr to `lr * group["lr_scale"]` (1 where a group has no scale)."""
+    for group in param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -63,5 +63,5 @@ def test_set_lr_applies_each_group_scale_once():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [a], "lr_scale": 0.25}, {"params": [b]}], lr=1.0)
     for _ in range(2):  # setting twice must not compound the scale
-        set_lr(opt, 0.4)
+        set_lr(opt.param_groups, 0.4)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.1), pytest.approx(0.4)]
