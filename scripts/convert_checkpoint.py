@@ -2,8 +2,8 @@
 
     python scripts/convert_checkpoint.py CHECKPOINT OUT.pt [--tag TAG] [--encoder-only]
 
-CHECKPOINT is either a checkpoint root holding a `latest` file (the newest tag is taken unless --tag
-names one) or one tag folder. OUT.pt holds `{"model": state_dict}` like the official
+CHECKPOINT is a run dir (runs/<experiment>/<stage>), a checkpoint root holding a `latest` file (the
+newest complete tag is taken unless --tag names one), or one tag folder. OUT.pt holds `{"model": state_dict}` like the official
 microsoft/Swin-Transformer checkpoints, with the model's own names: a SimMIM run keeps `encoder.*` /
 `decoder.*`, and `--encoder-only` writes the bare encoder (no decoder, no mask token) instead, which
 `models.swinv2.load_pretrained` reads into a plain SwinTransformerV2.
@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from pretrain import rundir
 
 StateDict = dict[str, torch.Tensor]
 
@@ -46,9 +48,12 @@ def detect_format(tag_dir: Path) -> str:
 
 
 def resolve_tag_dir(path: Path, tag: str | None) -> Path:
-    """The folder of one checkpoint: `path/<tag>`, `path/<contents of path/latest>`, or `path` itself."""
+    """The folder of one checkpoint: `path/<tag>`, `path/<contents of path/latest>`, or `path` itself,
+    with `path` first moved to a run dir's checkpoint folder."""
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if rundir.checkpoint_dir(path).is_dir():
+        path = rundir.checkpoint_dir(path)
     if tag is None and (path / "latest").is_file():
         tag = (path / "latest").read_text().strip()
     tag_dir = path / tag if tag else path

@@ -113,12 +113,13 @@ def test_encoder_only_gives_the_bare_swinv2_of_a_simmim_run(simmim_zero2_run, tm
 
 
 @pytest.mark.dist
-def test_tag_folder_and_tag_option_give_the_same_file(zero3_run, tmp_path):
+def test_run_dir_tag_folder_and_tag_option_give_the_same_file(zero3_run, tmp_path):
+    convert(zero3_run, tmp_path / "run.pt")  # the run dir holds checkpoints/latest
     convert(zero3_run / "checkpoints" / "step3", tmp_path / "a.pt")
     convert(zero3_run / "checkpoints", tmp_path / "b.pt", "--tag", "step3")
-    a = torch.load(tmp_path / "a.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    files = [torch.load(tmp_path / f, weights_only=True)["model"] for f in ("run.pt", "a.pt", "b.pt")]
+    for other in files[1:]:
+        assert other.keys() == files[0].keys() and all(torch.equal(other[k], files[0][k]) for k in other)
 
 
 @pytest.mark.dist
