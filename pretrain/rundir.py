@@ -2,7 +2,8 @@
 
 runs/<experiment>/<stage>/
   config.yaml                 resolved config of the latest launch
-  metrics.jsonl, wandb/       written by pretrain.loggers
+  metrics.jsonl, images/      written by pretrain.loggers (every logger kind)
+  wandb/, wandb_run_id        wandb offline runs and the id a resumed job continues (logger=wandb)
   checkpoints/latest          tag of the newest complete checkpoint
   checkpoints/<tag>/          engine files + client_rank<r>.pt per rank
 """

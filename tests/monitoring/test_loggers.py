@@ -129,3 +129,11 @@ def test_image_must_be_hwc_uint8(tmp_path):
     logger = RunLogger(tmp_path, {}, rank=0, kind="none")
     with pytest.raises(ValueError, match="'panel' must be an HWC uint8"):
         logger.log_images(1, {"panel": np.zeros((3, 4, 4), np.float32)})
+
+
+def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = RunLogger(tmp_path, {}, rank=0, kind="wandb", mode="offline")
+    logger.log(1, {"train/loss": 2.0})
+    logger.finish()
+    assert offline_runs(tmp_path) == [] and read_metrics(tmp_path)[0]["train/loss"] == 2.0
