@@ -14,6 +14,14 @@ How a rank's batches are made
 - Epochs are an accounting unit: every rank yields batches_per_epoch = samples_per_epoch // (world_size *
   batch_size) batches per epoch (the remainder, fewer than world_size * batch_size samples, is not dropped:
   the stream simply continues into the next epoch).
+- Resuming on another world size (or number of workers): `load_state_dict` takes the list of every old
+  rank's state. Old stream g is handed to new stream g mod G_new, which first replays it exactly from its
+  saved position to the end of pass P - 1, where P is one past the furthest pass an old stream had begun;
+  then every new stream reads pass P on with the new layout. So nothing is skipped, and the only repeats
+  are samples of pass P that an old stream had already consumed from a shuffle block straddling the pass
+  boundary (at most one shuffle block per old stream, none when blocks align with passes). The epoch and
+  the global number of samples delivered carry over. Resampled streams have no passes: the new streams
+  simply continue after the furthest old shard draw.
 
 Bad data never stops the run: an undecodable image, a missing or non-integer label, or an unreadable or
 truncated tar is skipped and counted; `ShardLoader.stats()` sums the counts over workers in the main process.
@@ -80,6 +88,9 @@ class StreamState:
     taken: int = 0  # samples of the current block already consumed
     batches: int = 0  # batches this stream has delivered
     counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    # Old-layout streams to finish first after a world-size change, each a dict of its own position
+    # (g, num_streams, shard, offset, block, taken) and `end`, the shard index where its drain stops.
+    drain: list = field(default_factory=list)
 
 
 def _seed(*ints: int) -> int:
@@ -129,22 +140,29 @@ class _Stream:
                 raise RuntimeError(f"stream {self.g}: {empty_run} shards in a row held no readable sample, "
                                    f"last {url!r}")
 
-    def blocks(self, state: StreamState) -> Iterator[tuple[dict, StreamState]]:
-        """Shuffled raw samples from `state` on, each with the position right after it."""
+    def blocks(self, state: StreamState, stop: int | None = None) -> Iterator[tuple[dict, StreamState]]:
+        """Shuffled raw samples from `state` on, each with the position right after it; with `stop`, only
+        samples of shards before index `stop`, ending once a block starts there."""
         src = self.raw_samples(state.shard, state.offset)
         start, block, taken = (state.shard, state.offset), state.block, state.taken
-        while True:
+        while stop is None or start[0] < stop:
             items, end = [], start
             for k, off, sample in src:
-                items.append(sample)
+                items.append((k, sample))
                 end = (k, off)
                 if len(items) == self.block_size:
                     break
             order = np.random.default_rng([self.seed, self.g, block]).permutation(len(items))
             for j in range(taken, len(items)):
-                yield items[order[j]], (start, block, j + 1)
+                k, sample = items[order[j]]
+                if stop is None or k < stop:
+                    yield sample, (start, block, j + 1)
             # the next block starts where this one ended; `src` is already there
             start, block, taken = end, block + 1, 0
+
+
+def _per_pass(g: int, num_streams: int, num_shards: int) -> int:
+    return len(range(g, num_shards, num_streams))
 
 
 def _readable(name: str) -> bool:
@@ -183,9 +201,7 @@ class _BatchStreams(IterableDataset):
         w = ((info.id if info else 0) + self.rotation) % self.num_streams
         state = StreamState(**{**asdict(self.states[w]), "counts": dict(self.states[w].counts)})
         g = self.rank * self.num_streams + w
-        stream = _Stream(self.shards, g, self.world_size * self.num_streams, self.seed, self.resampled,
-                         self.shuffle_buffer, state.counts)
-        samples = stream.blocks(state)
+        samples = self._samples(state, g)
         while True:
             with torch.random.fork_rng(devices=[]):
                 py_state = random.getstate()
@@ -193,9 +209,7 @@ class _BatchStreams(IterableDataset):
                 random.seed(_seed(self.seed, g, state.batches, 1))
                 batch = []
                 while len(batch) < self.batch_size:
-                    sample, (start, block, taken) = next(samples)
-                    state.shard, state.offset, state.block, state.taken = *start, block, taken
-                    item = self._decode(sample, state.counts)
+                    item = self._decode(next(samples), state.counts)
                     if item is not None:
                         batch.append(item)
                 batch = self.collate_fn(batch)
@@ -203,6 +217,23 @@ class _BatchStreams(IterableDataset):
             state.batches += 1
             batch["_state"] = asdict(state)
             yield batch
+
+    def _samples(self, state: StreamState, g: int) -> Iterator[dict]:
+        """Stream g's samples (old-layout drains first), keeping `state` at the position after each."""
+        while state.drain:
+            d = state.drain[0]
+            old = _Stream(self.shards, d["g"], d["num_streams"], self.seed, self.resampled, self.shuffle_buffer,
+                          state.counts)
+            at = StreamState(stream=-1, shard=d["shard"], offset=d["offset"], block=d["block"], taken=d["taken"])
+            for sample, (start, block, taken) in old.blocks(at, stop=d["end"]):
+                d.update(shard=start[0], offset=start[1], block=block, taken=taken)
+                yield sample
+            state.drain.pop(0)
+        stream = _Stream(self.shards, g, self.world_size * self.num_streams, self.seed, self.resampled,
+                         self.shuffle_buffer, state.counts)
+        for sample, (start, block, taken) in stream.blocks(state):
+            state.shard, state.offset, state.block, state.taken = *start, block, taken
+            yield sample
 
     def _decode(self, sample: dict, counts: dict) -> dict | None:
         try:
@@ -252,9 +283,14 @@ class ShardLoader:
     def state_dict(self) -> dict:
         return dict(epoch=self.epoch, batches=self.batches, seed=self.dataset.seed,
                     world_size=self.dataset.world_size, num_workers=self.num_workers,
-                    streams=[asdict(s) for s in self.dataset.states])
+                    batch_size=self.dataset.batch_size, streams=[asdict(s) for s in self.dataset.states])
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Restore this rank's own saved state (same world size and workers: exact), or take the list of
+        every rank's state from a run with another world size or worker count (see the module docstring)."""
+        if isinstance(state, list):
+            self._reshard(state)
+            return
         mine = (self.dataset.seed, self.dataset.world_size, self.num_workers)
         theirs = (state["seed"], state["world_size"], state["num_workers"])
         if mine != theirs:
@@ -263,6 +299,37 @@ class ShardLoader:
         self._it = None  # workers restart from the restored positions
         self.batches = state["batches"]
         self.dataset.states = [StreamState(**s) for s in state["streams"]]
+
+    def _reshard(self, states: list[dict]) -> None:
+        ds = self.dataset
+        if len(states) != states[0]["world_size"] or any(s["seed"] != ds.seed for s in states):
+            raise ValueError(f"loader states: expected one per old rank, all with seed {ds.seed}; got "
+                             f"{len(states)} for world size {states[0]['world_size']}, seeds "
+                             f"{sorted({s['seed'] for s in states})}")
+        old = [s for rank_state in states for s in rank_state["streams"]]  # global old stream g = index
+        old_g, new_g, n = len(old), ds.world_size * ds.num_streams, len(ds.shards)
+        delivered = sum(s["batches"] * s["batch_size"] for s in states)
+        self.batches = delivered // (ds.world_size * ds.batch_size)
+        self._it = None
+        if ds.resampled:
+            first = 1 + max(s["shard"] for s in old)
+            starts = {g: first for g in range(new_g)}
+        else:  # one past the furthest pass any old stream has begun; drains stop where it starts
+            next_pass = 1 + max(s["shard"] // _per_pass(g, old_g, n) for g, s in enumerate(old))
+            starts = {g: next_pass * _per_pass(g, new_g, n) for g in range(new_g)}
+        counts = {c: sum(s["counts"][c] for s in old) for c in COUNTERS}
+        batches = max(s["batches"] for s in old)  # augmentation seeds go on past every old stream's
+        ds.states = []
+        for w in range(ds.num_streams):
+            g = ds.rank * ds.num_streams + w
+            drain = []
+            for old_stream, s in enumerate(old):
+                if old_stream % new_g == g and not ds.resampled:
+                    drain += s["drain"] + [dict(g=old_stream, num_streams=old_g, shard=s["shard"], offset=s["offset"],
+                                                block=s["block"], taken=s["taken"],
+                                                end=next_pass * _per_pass(old_stream, old_g, n))]
+            mine = counts if g == 0 else dict.fromkeys(COUNTERS, 0)  # cumulative stats stay summed over ranks
+            ds.states.append(StreamState(stream=w, shard=starts[g], batches=batches, counts=dict(mine), drain=drain))
 
     def stats(self) -> dict:
         totals = {c: sum(s.counts[c] for s in self.dataset.states) for c in COUNTERS}
