@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -146,6 +147,8 @@ class FSDPEngine(Engine):
     @staticmethod
     def read_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
         state: dict[str, Any] = {}
-        dcp.load(state, checkpoint_id=directory / tag, planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-                 no_dist=True)
+        # dcp.load fills a copy of `state`, so the keys the planner adds would be lost: the inner loader
+        # (as torch's own dcp_to_torch_save uses) fills `state` itself.
+        _load_state_dict(state, storage_reader=dcp.FileSystemReader(directory / tag),
+                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
