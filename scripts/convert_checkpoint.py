@@ -3,44 +3,39 @@
     python scripts/convert_checkpoint.py CHECKPOINT OUT.pt [--tag TAG] [--encoder-only]
 
 CHECKPOINT is a run dir (runs/<experiment>/<stage>), a checkpoint root holding a `latest` file (the
-newest complete tag is taken unless --tag names one), or one tag folder. OUT.pt holds `{"model": state_dict}` like the official
-microsoft/Swin-Transformer checkpoints, with the model's own names: a SimMIM run keeps `encoder.*` /
-`decoder.*`, and `--encoder-only` writes the bare encoder (no decoder, no mask token) instead, which
-`models.swinv2.load_pretrained` reads into a plain SwinTransformerV2.
+newest complete tag is taken unless --tag names one), or one tag folder. OUT.pt holds
+`{"model": state_dict}` like the official microsoft/Swin-Transformer checkpoints, with the model's own
+names: a SimMIM run keeps `encoder.*` / `decoder.*`, and `--encoder-only` writes the bare encoder (no
+decoder, no mask token) instead, which `models.swinv2.load_pretrained` reads into a plain
+SwinTransformerV2.
 
-Formats are told apart by the files in the tag folder; `READERS` maps each to a function
-`(tag_dir) -> fp32 state dict`, the one place a new engine's format is added.
+Formats are told apart by the files in the tag folder; `ENGINE_OF_FORMAT` names the engine whose
+`read_weights` merges it, the one place a new engine's format is added. DeepSpeed's reader unpickles its
+own files (weights_only=False): convert only checkpoints you trust.
 """
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pretrain import rundir
+from pretrain.engine import engine_class
 
 StateDict = dict[str, torch.Tensor]
 
 
-def read_deepspeed(tag_dir: Path) -> StateDict:
-    """Any ZeRO stage (1-3) at any world size, merged by DeepSpeed's own reader.
-
-    DeepSpeed unpickles its own checkpoint files (weights_only=False): convert only checkpoints you trust.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-
-
-READERS: dict[str, Callable[[Path], StateDict]] = {
-    "deepspeed": read_deepspeed,
+# Checkpoint format (told apart by its files) -> the engine that writes it; each engine's static
+# `read_weights(directory, tag)` merges its shards into one fp32 state dict without a process group.
+ENGINE_OF_FORMAT = {
+    "deepspeed": "deepspeed",  # any ZeRO stage, via deepspeed.utils.zero_to_fp32
+    "dcp": "fsdp",  # torch.distributed.checkpoint
 }
 
 
 def detect_format(tag_dir: Path) -> str:
     if (tag_dir / ".metadata").is_file():
-        return "dcp"  # torch.distributed.checkpoint (FSDP2 engine)
+        return "dcp"
     if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("*model_states.pt")):
         return "deepspeed"
     raise ValueError(f"{tag_dir} is not a checkpoint: expected DeepSpeed '*model_states.pt' + "
@@ -64,12 +59,8 @@ def resolve_tag_dir(path: Path, tag: str | None) -> Path:
 
 def load_fp32_state_dict(path: Path, tag: str | None = None) -> StateDict:
     tag_dir = resolve_tag_dir(path, tag)
-    fmt = detect_format(tag_dir)
-    if fmt not in READERS:
-        raise NotImplementedError(f"{tag_dir}: no reader for checkpoint format {fmt!r} yet "
-                                  f"(known: {sorted(READERS)})")
-    state_dict = READERS[fmt](tag_dir)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    engine = engine_class(ENGINE_OF_FORMAT[detect_format(tag_dir)])
+    return engine.read_weights(tag_dir.parent, tag_dir.name)
 
 
 def to_official_layout(state_dict: StateDict, encoder_only: bool) -> StateDict:
@@ -99,7 +90,7 @@ def convert(path: Path, out: Path, *, tag: str | None = None, encoder_only: bool
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="checkpoint root (with 'latest') or one tag folder")
+    parser.add_argument("checkpoint", type=Path, help="run dir, checkpoint root (with 'latest') or one tag folder")
     parser.add_argument("out", type=Path, help="output .pt file")
     parser.add_argument("--tag", help="tag folder under the checkpoint root (default: the 'latest' one)")
     parser.add_argument("--encoder-only", action="store_true",
@@ -107,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         state_dict = convert(args.checkpoint, args.out, tag=args.tag, encoder_only=args.encoder_only)
-    except (FileNotFoundError, ValueError, NotImplementedError) as err:
+    except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     numel = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
     print(f"wrote {args.out}: {len(state_dict)} tensors, {numel:,} floats")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from models.simmim import SimMIM
 from models.swinv2 import SwinTransformerV2, load_pretrained
@@ -136,6 +137,19 @@ def test_bad_folders_are_named(tmp_path, capsys):
     (tmp_path / "ckpt" / "latest").write_text("step9\n")
     assert "step9 does not exist" in convert_error(capsys, tmp_path / "ckpt", tmp_path / "x.pt")
     (tmp_path / "ckpt" / "step9").mkdir()
-    (tmp_path / "ckpt" / "step9" / ".metadata").write_bytes(b"")
-    err = convert_error(capsys, tmp_path / "ckpt", tmp_path / "x.pt")
-    assert "no reader for checkpoint format 'dcp'" in err
+    (tmp_path / "ckpt" / "step9" / "notes.txt").write_text("")
+    assert "step9 is not a checkpoint" in convert_error(capsys, tmp_path / "ckpt", tmp_path / "x.pt")
+
+
+def test_torch_distributed_checkpoint_converts_too(tmp_path):
+    """The FSDP2 engine's format: a DCP folder whose state holds `model` (and `optim`)."""
+    model = SwinTransformerV2(num_classes=5, **TINY).eval()
+    state = {"model": {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}}
+    dcp.save(state, checkpoint_id=tmp_path / "checkpoints" / "step_00000007", no_dist=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000007")
+    convert(tmp_path, tmp_path / "out.pt")
+    state_dict = torch.load(tmp_path / "out.pt", weights_only=True)["model"]
+    assert state_dict.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert state_dict[k].dtype == torch.float32
+        torch.testing.assert_close(state_dict[k], v.to(torch.bfloat16).float())
