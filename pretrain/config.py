@@ -144,9 +144,7 @@ class SupervisedStageConfig(StageConfig):
     name: str = "supervised"
     init_from: str = "auto"  # auto = simmim run dir of this experiment | none | a run dir
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    randaug_ops: int = 2  # RandAugment "rand-m9-mstd0.5": 2 ops, magnitude 9 of 10, jitter 0.5; 0 = off
-    randaug_magnitude: float = 9.0
-    randaug_mstd: float = 0.5
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm-style RandAugment spec; "" = off
     reprob: float = 0.25
     label_smoothing: float = 0.1
     mixup: float = 0.8  # alpha; 0 = off
@@ -216,7 +214,8 @@ def validate(cfg: Config, world_size: int) -> None:
     per_step = st.micro_batch * world_size
     _check(st.global_batch > 0 and st.global_batch % per_step == 0, "stage.global_batch",
            f"{st.global_batch} is not a multiple of micro_batch x world = {st.micro_batch} x {world_size}")
-    _check(0 <= st.optim.warmup_steps, "stage.optim.warmup_steps", "must be >= 0")
+    _check(0 <= st.optim.warmup_steps <= total_steps(cfg), "stage.optim.warmup_steps",
+           f"{st.optim.warmup_steps} must be in [0, total steps = {total_steps(cfg)}]")
     _check(0 < st.optim.layer_decay <= 1, "stage.optim.layer_decay", f"must be in (0, 1], got {st.optim.layer_decay}")
     _check(len(st.optim.betas) == 2, "stage.optim.betas", "needs two values")
     _one_of(m.grad_checkpointing, {"none", "torch", "torch_reentrant", "fairscale", "fairscale_offload"},

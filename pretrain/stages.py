@@ -153,8 +153,7 @@ class SupervisedStage(Stage):
 
     def train_loader(self) -> ShardLoader:
         st, m, d = self.cfg.stage, self.cfg.model, self.cfg.data
-        transform = SupervisedTransform(img_size=m.img_size, crop_scale=st.crop_scale, randaug_ops=st.randaug_ops,
-                                        randaug_magnitude=st.randaug_magnitude, randaug_mstd=st.randaug_mstd,
+        transform = SupervisedTransform(img_size=m.img_size, crop_scale=st.crop_scale, rand_augment=st.rand_augment,
                                         reprob=st.reprob, **self.pixels())
         # Soft targets always: one-hot + label smoothing, Mixup/CutMix when their alphas are > 0.
         mix = MixupCutmix(num_classes=d.num_classes, mixup_alpha=st.mixup, cutmix_alpha=st.cutmix,

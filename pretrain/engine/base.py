@@ -36,7 +36,10 @@ class Engine(ABC):
 
     def forward(self, *args: Any) -> Any:
         cast = [a.to(self.device, self.dtype) if a.is_floating_point() else a.to(self.device) for a in args]
-        return self._forward(*cast)
+        # Parameters are already in self.dtype; autocast also brings fp32 buffers (e.g. SwinV2's
+        # relative_coords_table) into matmuls with them, as the official AMP training does.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self._forward(*cast)
 
     @abstractmethod
     def _forward(self, *args: torch.Tensor) -> Any: ...

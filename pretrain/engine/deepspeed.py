@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,13 @@ from torch import nn
 from pretrain.config import Config, DeepSpeedConfig
 from pretrain.dist import DistContext
 from pretrain.engine.base import Engine, ModelRecipe
+from pretrain.engine import universal
 
 log = logging.getLogger(__name__)
 # DeepSpeed prints its whole config and per-step chatter at INFO; we log the parts that matter ourselves.
 deepspeed.utils.logger.setLevel(logging.WARNING)
+# DeepSpeed's ZeRO-3 gathers call a torch collective that torch deprecated: one warning per call otherwise.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -104,6 +108,9 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> None:
+        if universal.saved_world_size(directory / tag) != self.ds.dp_world_size:
+            directory, tag = universal.universal_checkpoint(directory / tag), ""  # ZeRO partitions don't reshard
+            self.ds._config.load_universal_checkpoint = True
         path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
         if path is None:
