@@ -108,8 +108,8 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> None:
-        if universal.saved_world_size(directory / tag) != self.ds.dp_world_size:
-            directory, tag = universal.universal_checkpoint(directory / tag), ""  # ZeRO partitions don't reshard
+        if universal.saved_world_size(directory / tag) != self.ds.dp_world_size:  # ZeRO partitions don't reshard
+            directory, tag = universal.universal_checkpoint(directory / tag)
             self.ds._config.load_universal_checkpoint = True
         path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)

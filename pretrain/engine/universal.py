@@ -49,11 +49,11 @@ def convert_to_universal(tag_dir: Path) -> Path:
     return out
 
 
-def universal_checkpoint(tag_dir: Path) -> Path:
-    """Collective: rank 0 converts `tag_dir`, every rank gets the universal checkpoint's folder."""
+def universal_checkpoint(tag_dir: Path) -> tuple[Path, str]:
+    """Collective: rank 0 converts `tag_dir`; every rank gets (load_dir, tag) of the universal checkpoint."""
     if dist.get_rank() == 0:
         log.info("converting %s (saved on %d ranks) to a universal checkpoint for %d ranks", tag_dir,
                  saved_world_size(tag_dir), dist.get_world_size())
         convert_to_universal(tag_dir)
     dist.barrier()
-    return tag_dir / UNIVERSAL
+    return tag_dir, UNIVERSAL
