@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pretrain.loggers import RunLogger
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +35,9 @@ def test_two_runs_make_one_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
-def test_a_folder_without_metrics_is_named_in_the_error(tmp_path):
-    proc = plot(tmp_path, "-o", tmp_path / "x.png")
-    assert proc.returncode != 0 and f"{tmp_path} has no metrics.jsonl" in proc.stderr
+def test_a_folder_without_metrics_is_named_in_the_error(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from plot_metrics import plot as plot_runs
+
+    with pytest.raises(SystemExit, match=f"{tmp_path} has no metrics.jsonl"):
+        plot_runs([tmp_path], tmp_path / "x.png")
