@@ -147,7 +147,7 @@ class TrainMeter:
     def summary(self, loader_stats: Mapping[str, int] | None = None) -> dict[str, float]:
         """Metrics of the steps since the last summary, averaged (loss) or summed (counts) over ranks."""
         extras = sorted(self.extras_sum)
-        n = max(self.loss_steps, 1)
+        n = self.loss_steps or math.nan  # a window of only skipped steps has no loss to show
         means = [self.loss_sum / n, *(self.extras_sum[k] / n for k in extras)]
         if self.grad_norms:
             means.append(sum(self.grad_norms) / len(self.grad_norms))

@@ -1,5 +1,7 @@
 """MFU arithmetic, the peak table and TrainMeter's per-window summary (single process)."""
 
+import math
+
 import pytest
 import torch
 
@@ -55,3 +57,5 @@ def test_nan_skips_count_but_keep_the_loss_finite():
     assert out["perf/img_per_s"] == 8.0  # a skipped step still cost its time
     meter.update(loss=1.0, batch_size=8, step_s=1.0, data_wait_s=0.0)
     assert meter.summary()["train/nan_skips"] == 1  # cumulative over the run
+    meter.update(loss=float("nan"), batch_size=8, step_s=1.0, data_wait_s=0.0, nan_skip=True)
+    assert math.isnan(meter.summary()["train/loss"])  # no step counted: no loss, not a fake 0
