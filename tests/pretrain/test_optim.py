@@ -167,3 +167,27 @@ def test_groups_drive_adamw_and_frozen_parameters_are_left_out():
 def test_bad_arguments_are_named(kwargs, word):
     with pytest.raises(ValueError, match=word):
         build_param_groups(TinySwin(), **kwargs)
+
+
+@pytest.mark.parametrize("simmim", [False, True])
+def test_real_swinv2_names_reach_every_layer_id(simmim):
+    """Guards the name patterns against the real model: a renamed module would silently fall to L + 1."""
+    from models import SimMIM, SwinTransformerV2
+
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=8, depths=(2, 3), num_heads=(1, 2), window_size=4,
+                  pretrained_window_sizes=(0, 0), extra_norm_period=2)
+    model = SimMIM(encoder_stride=8, **kwargs) if simmim else SwinTransformerV2(num_classes=3, **kwargs)
+    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.8, depths=kwargs["depths"],
+                                no_decay_keywords=model.no_weight_decay_keywords())
+    assert {g["family"].split("/")[1] for g in groups} == {f"layer_{i:02d}" for i in range(7)}
+    encoder = model.encoder if simmim else model
+    family = {id(p): g["family"] for g in groups for p in g["params"]}
+    block = encoder.layers[1].blocks[1]  # id 2 + 1 + 1 = 4; its norm3 is the extra norm (period 2)
+    assert family[id(block.attn.qkv.weight)] == "decay/layer_04"
+    assert family[id(block.norm3.weight)] == "no_decay/layer_04"
+    assert family[id(block.attn.cpb_mlp[0].weight)] == "no_decay/layer_04"
+    assert family[id(block.attn.logit_scale)] == "no_decay/layer_04"
+    assert family[id(encoder.layers[0].downsample.reduction.weight)] == "decay/layer_02"
+    if simmim:
+        assert family[id(encoder.mask_token)] == "no_decay/layer_00"
+        assert family[id(model.decoder[0].weight)] == "decay/layer_06"

@@ -33,6 +33,11 @@ def run(model: torch.nn.Module, kind: str, images: torch.Tensor, mask: torch.Ten
     return out["loss"], out["reconstruction"]
 
 
+def family_of_each_parameter(model: torch.nn.Module, groups: list[dict]) -> dict[str, str]:
+    family = {id(p): g["family"] for g in groups for p in g["params"]}
+    return {name: family[id(p)] for name, p in model.named_parameters()}
+
+
 def train_and_save(kind: str, zero_stage: int, out_dir: Path) -> None:
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -47,8 +52,13 @@ def train_and_save(kind: str, zero_stage: int, out_dir: Path) -> None:
     model = build(kind)
     groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.9, depths=TINY["depths"],
                                 no_decay_keywords=model.no_weight_decay_keywords())
+    families = family_of_each_parameter(model, groups)
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # Partitioned parameters (ZeRO-3: empty local shapes) must land in the same groups.
+    regrouped = build_param_groups(engine.module, weight_decay=0.05, layer_decay=0.9, depths=TINY["depths"],
+                                   no_decay_keywords=model.no_weight_decay_keywords())
+    assert family_of_each_parameter(engine.module, regrouped) == families, "param groups changed under ZeRO"
 
     rank = torch.distributed.get_rank()
     gen = torch.Generator().manual_seed(100 + rank)
