@@ -22,6 +22,7 @@ from data.decode import encode_jpeg
 # class c has hue CLASS_HUES[c % 10] and shape SHAPE_NAMES[c % 10]
 CLASS_HUES = np.linspace(0.0, 1.0, 10, endpoint=False)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "data"
+VERSION = 2  # bump when the images change, so that old demo shards are rewritten
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
@@ -99,7 +100,7 @@ def write_demo_shards(out_dir: str, *, num_classes: int, train_samples: int, val
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
     args = dict(num_classes=num_classes, train_samples=train_samples, val_samples=val_samples,
-                samples_per_shard=samples_per_shard, image_size=list(size), seed=seed)
+                samples_per_shard=samples_per_shard, image_size=list(size), seed=seed, version=VERSION)
     path = os.path.join(out_dir, "manifest.json")
     if os.path.exists(path):
         with open(path) as f:

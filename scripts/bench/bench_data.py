@@ -1,0 +1,150 @@
+"""Input pipeline benchmarks: decode + augment images/s on one core, ours vs plain Pillow + torchvision.
+
+1. Per-sample decode + augment of 500x375 JPEGs to 192px, in memory, one thread: data.transforms (simplejpeg,
+   draft-mode decode, crop before resize) vs the plain pipeline (PIL.Image.open + convert, torchvision v2
+   RandomResizedCrop/flip/ToTensor/Normalize on the full image), rounds interleaved, medians. For SimMIM
+   (+ mask) and supervised (+ RandAugment m9 + random erasing) augmentation.
+2. One core through webdataset: data.shards.build_loader (num_workers=0: tar reading, shuffle, decode,
+   augment, collate) vs webdataset's stock pipeline (WebDataset(...).decode("pil").map(plain transform)
+   .batched) over the same shards.
+
+    .venv/bin/python -m scripts.bench.bench_data [--images 256] [--rounds 5]
+`run()` returns the rows for the scripts.bench aggregator.
+"""
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from data.decode import encode_jpeg
+from data.demo import make_image
+from data.shards import build_loader
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, MaskGenerator, SimMIMTransform, SupervisedTransform
+
+SIZE = 192
+
+
+def photos(n: int) -> list[bytes]:
+    """500x375 JPEGs (quality 90); the demo generator's noise gives them photo-like sizes (~100 kB)."""
+    return [encode_jpeg(make_image(i % 10, np.random.default_rng(i), 500, 375), quality=90) for i in range(n)]
+
+
+def plain_simmim():
+    """The usual SimMIM input pipeline: Pillow decode, torchvision transforms on the whole image, mask."""
+    tf = v2.Compose([v2.RandomResizedCrop(SIZE, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
+                     v2.RandomHorizontalFlip(), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                     v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    mask = MaskGenerator(input_size=SIZE)
+    return lambda img: dict(image=tf(img), mask=mask())
+
+
+def plain_supervised():
+    tf = v2.Compose([v2.RandomResizedCrop(SIZE, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+                     v2.RandomHorizontalFlip(), v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11),
+                     v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                     v2.Normalize(IMAGENET_MEAN, IMAGENET_STD), v2.RandomErasing(p=0.25, value="random")])
+    return lambda img: dict(image=tf(img))
+
+
+def _pil(data: bytes):
+    import io
+
+    from PIL import Image
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Median images/s of each fn (called with no arguments, returns images done), rounds interleaved."""
+    rates = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            n = fn()
+            rates[name].append(n / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def bench_transform(name, ours, plain, data: list[bytes], rounds: int) -> dict:
+    def run_ours():
+        for d in data:
+            ours(d)
+        return len(data)
+
+    def run_plain():
+        for d in data:
+            plain(_pil(d))
+        return len(data)
+
+    r = _interleaved(dict(ours=run_ours, plain=run_plain), rounds)
+    return dict(name=f"{name} decode+augment 500x375 JPEG -> {SIZE}px, 1 core (img/s)", ours=r["ours"],
+                baseline=r["plain"], ratio=r["ours"] / r["plain"],
+                how=f"in memory, {len(data)} images x {rounds} interleaved rounds, medians; ours = data.transforms "
+                    f"(simplejpeg, draft decode, crop then torch uint8 antialiased resize), baseline = Pillow + torchvision v2 on the "
+                    f"whole image")
+
+
+def bench_loader(shard_dir: str, n_shards: int, batch: int, batches: int, rounds: int) -> dict:
+    import webdataset as wds
+
+    urls = f"{shard_dir}/bench-{{0..{n_shards - 1}}}.tar"
+    loader = build_loader(urls, sample_fn=SimMIMTransform(img_size=SIZE), batch_size=batch, rank=0, world_size=1,
+                          num_workers=0, shuffle_buffer=batch * 2, resampled=False, samples_per_epoch=batch * 4,
+                          seed=0)
+    plain = plain_simmim()
+    stock = iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat().shuffle(batch * 2)
+                 .decode("pil").map(lambda s: dict(plain(s["jpg"]), label=int(s["cls"]))).batched(batch))
+
+    def run_ours():
+        for _ in range(batches):
+            next(loader)
+        return batches * batch
+
+    def run_stock():
+        for _ in range(batches):
+            next(stock)
+        return batches * batch
+
+    r = _interleaved(dict(ours=run_ours, stock=run_stock), rounds)
+    return dict(name=f"SimMIM webdataset loader, 1 core, batch {batch} (img/s)", ours=r["ours"],
+                baseline=r["stock"], ratio=r["ours"] / r["stock"],
+                how=f"tar read + shuffle + decode + augment + collate over {n_shards} shards, num_workers=0, "
+                    f"{batches} batches x {rounds} interleaved rounds, medians; baseline = "
+                    f"wds.WebDataset().decode('pil').map(plain torchvision).batched()")
+
+
+def run(images: int = 128, rounds: int = 5) -> list[dict]:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = photos(images)
+    rows = [bench_transform("SimMIM", SimMIMTransform(img_size=SIZE), plain_simmim(), data, rounds),
+            bench_transform("supervised", SupervisedTransform(img_size=SIZE), plain_supervised(), data, rounds)]
+    with tempfile.TemporaryDirectory() as tmp:
+        import webdataset as wds
+
+        per_shard = len(data) // 2
+        for s in range(2):
+            with wds.TarWriter(f"{tmp}/bench-{s}.tar") as sink:
+                for i in range(s * per_shard, (s + 1) * per_shard):
+                    sink.write({"__key__": f"{i:06d}", "jpg": data[i], "cls": str(i % 10).encode()})
+        rows.append(bench_loader(tmp, 2, batch=32, batches=4, rounds=rounds))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    for row in run(args.images, args.rounds):
+        print(f"{row['name']}: ours {row['ours']:.1f}  baseline {row['baseline']:.1f}  "
+              f"ratio {row['ratio']:.2f}x  ({row['how']})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
