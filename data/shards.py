@@ -44,6 +44,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Only these members are ever read from a tar: nothing in a shard is unpickled or executed.
 READ_EXTS = frozenset(IMAGE_EXTS + ("cls", "json"))
 COUNTERS = ("samples", "bad_image", "bad_label", "shard_errors")
+MAX_BAD_RUN = 10_000  # unusable samples in a row after which the data itself, not a few files, is broken
 
 
 # ---------------------------------------------------------------------------------------------- shard lists
@@ -136,7 +137,7 @@ class _Stream:
                 finally:
                     stream.close()
             empty_run = 0 if n else empty_run + 1
-            if empty_run >= (len(self.shards) if self.resampled else self.per_pass):
+            if empty_run >= len(self.shards):
                 raise RuntimeError(f"stream {self.g}: {empty_run} shards in a row held no readable sample, "
                                    f"last {url!r}")
 
@@ -207,11 +208,17 @@ class _BatchStreams(IterableDataset):
                 py_state = random.getstate()
                 torch.manual_seed(_seed(self.seed, g, state.batches))
                 random.seed(_seed(self.seed, g, state.batches, 1))
-                batch = []
+                batch, bad_run = [], 0
                 while len(batch) < self.batch_size:
-                    item = self._decode(next(samples), state.counts)
+                    sample = next(samples)
+                    item = self._decode(sample, state.counts)
                     if item is not None:
                         batch.append(item)
+                        bad_run = 0
+                    elif (bad_run := bad_run + 1) >= MAX_BAD_RUN:
+                        raise RuntimeError(f"stream {g}: {bad_run} samples in a row were unusable (last "
+                                           f"{sample.get('__key__')!r} in {sample.get('__url__')!r}); "
+                                           f"loader.stats() counts why")
                 batch = self.collate_fn(batch)
                 random.setstate(py_state)
             state.batches += 1

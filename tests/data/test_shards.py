@@ -135,3 +135,12 @@ def test_a_stream_with_no_readable_sample_fails_instead_of_hanging(tmp_path):
     ld = loader(tmp_path / "junk-{0..1}.tar")
     with pytest.raises(RuntimeError, match="held no readable sample"):
         next(ld)
+
+
+def test_a_stream_of_only_unusable_samples_fails_instead_of_hanging(tmp_path, monkeypatch):
+    import data.shards
+
+    monkeypatch.setattr(data.shards, "MAX_BAD_RUN", 5)
+    write_tar(tmp_path / "labels-missing.tar", {f"{i}.jpg": b"\xff\xd8" for i in range(3)})
+    with pytest.raises(RuntimeError, match=r"5 samples in a row were unusable .*labels-missing.tar"):
+        next(loader(tmp_path / "labels-missing.tar"))
