@@ -2,8 +2,9 @@
 
 State-dict keys are the official ones (`layers.{i}.blocks.{j}.attn.cpb_mlp.0.weight`, downsampling at
 the end of stages 0-2, `head.weight`), so official checkpoints load after `checkpoint_filter_fn`.
-Shape-derived buffers (`relative_coords_table`, `relative_position_index`, `attn_mask`) are
-non-persistent: they are rebuilt from the target window, never loaded.
+Shape-derived buffers (`relative_coords_table`, `relative_position_index`, and `attn_regions`, from which
+the official `attn_mask` is built on use) are non-persistent: they are rebuilt for the target window,
+never loaded; the official checkpoints' copies are dropped on load.
 
 Two additions the official code lacks:
 - `extra_norm_period`: the paper's extra main-branch LayerNorm "every 6 layers" for H/G. Counted per
@@ -56,15 +57,20 @@ def relative_position_index(window: int) -> torch.Tensor:
     return rel[0] * (2 * window - 1) + rel[1]
 
 
-def shift_attn_mask(H: int, W: int, window: int, shift: int) -> torch.Tensor:
-    """(nW, N, N) additive mask of the shifted-window pass: -100 between tokens of different regions."""
+def shift_regions(H: int, W: int, window: int, shift: int) -> torch.Tensor:
+    """(nW, N) region id of each token of each shifted window: tokens that the cyclic shift brought
+    together from different image regions must not attend to each other."""
     regions = torch.zeros(1, H, W, 1)
     slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for i, (hs, ws) in enumerate((h, w) for h in slices for w in slices):
         regions[:, hs, ws, :] = i
-    regions = window_partition(regions, window).squeeze(-1)  # (nW, N)
-    mask = regions.unsqueeze(1) - regions.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0)
+    return window_partition(regions, window).squeeze(-1)
+
+
+def region_mask(regions: torch.Tensor) -> torch.Tensor:
+    """(nW, N) region ids -> (nW, N, N) additive mask: -100 between tokens of different regions, else 0.
+    Built when used rather than stored: at 1536px/w32 the stored mask alone would be 576 MB per block."""
+    return (regions.unsqueeze(1) != regions.unsqueeze(2)).to(torch.float32) * -100.0
 
 
 def attend(q, k, v, bias, impl: str) -> torch.Tensor:
@@ -74,13 +80,13 @@ def attend(q, k, v, bias, impl: str) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-2, -1) + bias, dim=-1) @ v
 
 
-def _attend_chunk(q, k, v, rel_bias, mask, start: int, impl: str) -> torch.Tensor:
-    """Attention for the chunk of flattened windows starting at `start`; the mask rows are gathered here
-    so that a checkpointed call saves nothing of chunk size."""
-    bias = rel_bias
-    if mask is not None:
-        rows = torch.arange(start, start + q.shape[0], device=mask.device) % mask.shape[0]
-        bias = rel_bias + mask.index_select(0, rows).unsqueeze(1)  # (c, nH, N, N)
+def _attend_chunk(q, k, v, rel_bias, regions, start: int, impl: str) -> torch.Tensor:
+    """Attention for the chunk of flattened windows starting at `start`; its mask rows are built here so
+    that a checkpointed call saves nothing of chunk size."""
+    bias = rel_bias.unsqueeze(0)
+    if regions is not None:
+        rows = torch.arange(start, start + q.shape[0], device=regions.device) % regions.shape[0]
+        bias = bias + region_mask(regions.index_select(0, rows)).unsqueeze(1)  # (c, nH, N, N)
     return attend(q, k, v, bias, impl)
 
 
@@ -122,8 +128,8 @@ class WindowAttention(nn.Module):
         N = self.window_size * self.window_size
         return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B * nW, N, C), mask (nW, N, N) or None -> (B * nW, N, C)."""
+    def forward(self, x: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
+        """x (B * nW, N, C), shifted-window regions (nW, N) or None -> (B * nW, N, C)."""
         B_, N, C = x.shape
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))  # k has no bias
         qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -133,21 +139,23 @@ class WindowAttention(nn.Module):
         k = F.normalize(k, dim=-1)
         rel_bias = self.position_bias()
         if self.sequential:
-            out = self._sequential(q, k, v, rel_bias, mask)
-        elif mask is None:
-            out = attend(q, k, v, rel_bias, self.attn_impl)
-        else:  # broadcast the (nW, nH, N, N) bias over images instead of repeating it
-            nW = mask.shape[0]
-            q, k, v = (t.view(B_ // nW, nW, *t.shape[1:]) for t in (q, k, v))
-            out = attend(q, k, v, rel_bias + mask.unsqueeze(1), self.attn_impl).flatten(0, 1)
+            out = self._sequential(q, k, v, rel_bias, regions)
+        elif regions is None:
+            out = attend(q, k, v, rel_bias.unsqueeze(0), self.attn_impl)
+        else:  # (B, nW * nH, N, d) against a (1, nW * nH, N, N) bias: broadcast over images, never repeated,
+            # and 4-D so that SDPA can pick a fused kernel
+            nW = regions.shape[0]
+            q, k, v = (t.reshape(B_ // nW, nW * self.num_heads, N, -1) for t in (q, k, v))
+            bias = (rel_bias + region_mask(regions).unsqueeze(1)).view(1, nW * self.num_heads, N, N)
+            out = attend(q, k, v, bias, self.attn_impl).view(B_, self.num_heads, N, -1)
         return self.proj(out.transpose(1, 2).reshape(B_, N, C))
 
-    def _sequential(self, q, k, v, rel_bias, mask) -> torch.Tensor:
+    def _sequential(self, q, k, v, rel_bias, regions) -> torch.Tensor:
         recompute = torch.is_grad_enabled()
         outs = []
         chunks = zip(q.split(self.chunk_size), k.split(self.chunk_size), v.split(self.chunk_size))
         for i, (qc, kc, vc) in enumerate(chunks):
-            args = (qc, kc, vc, rel_bias, mask, i * self.chunk_size, self.attn_impl)
+            args = (qc, kc, vc, rel_bias, regions, i * self.chunk_size, self.attn_impl)
             if recompute:
                 outs.append(torch.utils.checkpoint.checkpoint(_attend_chunk, *args, use_reentrant=False))
             else:
@@ -202,12 +210,12 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim) if extra_norm else None
         N, nW = window_size * window_size, (resolution // window_size) ** 2
-        self.register_buffer("attn_mask", torch.empty(nW, N, N) if self.shift_size else None, persistent=False)
+        self.register_buffer("attn_regions", torch.empty(nW, N) if self.shift_size else None, persistent=False)
 
     def init_buffers(self):
-        if self.attn_mask is not None:
+        if self.attn_regions is not None:
             R = self.resolution
-            self.attn_mask.copy_(shift_attn_mask(R, R, self.window_size, self.shift_size))
+            self.attn_regions.copy_(shift_regions(R, R, self.window_size, self.shift_size))
 
     def init_respostnorm(self):
         for norm in (self.norm1, self.norm2):
@@ -225,7 +233,7 @@ class SwinTransformerBlock(nn.Module):
         s = self.shift_size
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        x = self.attn(window_partition(x, self.window_size), self.attn_mask)
+        x = self.attn(window_partition(x, self.window_size), self.attn_regions)
         x = window_reverse(x, self.window_size, H, W)
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
@@ -390,6 +398,7 @@ class SwinTransformerV2(nn.Module):
         return self.head(self.forward_features(x).mean(1))
 
 
+# Official checkpoints store these; here they are rebuilt for the target window (attn_mask as attn_regions).
 _REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask", "attn.k_bias")
 
 

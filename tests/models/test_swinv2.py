@@ -59,3 +59,228 @@ def test_nano_forward_shapes():
     assert model(x).shape == (2, 7)
     assert model.forward_features(x).shape == (2, 4, cfg["embed_dim"] * 8)
     assert isinstance(SwinTransformerV2(num_classes=0, **cfg).head, torch.nn.Identity)
+
+
+def _micro(**overrides):
+    return SwinTransformerV2(num_classes=10, **{**MICRO, **overrides})
+
+
+# --- block math -------------------------------------------------------------------------------------
+
+def test_blocks_start_as_identity_and_official_init():
+    torch.manual_seed(0)
+    model = _micro()
+    blk = model.layers[0].blocks[1]
+    x = torch.randn(2, 16 * 16, MICRO["embed_dim"])
+    torch.testing.assert_close(blk(x), x)  # zero-initialised res-post norms
+    for b in model.blocks():
+        assert b.norm1.weight.abs().sum() == 0 and b.norm2.bias.abs().sum() == 0
+        torch.testing.assert_close(b.attn.logit_scale, torch.full_like(b.attn.logit_scale, math.log(10)))
+        assert b.attn.q_bias.abs().sum() == 0 and b.attn.v_bias.abs().sum() == 0
+    w = torch.cat([b.attn.cpb_mlp[0].weight.flatten() for b in model.blocks()] +
+                  [b.mlp.fc1.weight.flatten() for b in model.blocks()])
+    assert 0.018 < w.std() < 0.022 and abs(w.mean()) < 0.002  # trunc_normal_(std=.02), cut at +-2 (absolute)
+    assert model.norm.weight.eq(1).all() and model.patch_embed.norm.weight.eq(1).all()
+
+
+def test_logit_scale_is_clamped_at_100():
+    torch.manual_seed(0)
+    model = randomize_(_micro()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for b in model.blocks():
+            b.attn.logit_scale.fill_(math.log(100))
+        at_cap = model(x)
+        for b in model.blocks():
+            b.attn.logit_scale.fill_(math.log(1000))
+        torch.testing.assert_close(model(x), at_cap)
+
+
+def test_cpb_coordinates_and_bias_range():
+    attn = _micro().layers[0].blocks[0].attn
+    table = attn.relative_coords_table
+    assert table.shape == (7, 7, 2)
+    torch.testing.assert_close(table.abs().max(), torch.tensor(math.log2(9) / 3))  # +-8 -> log2(9)/log2(8)
+    bias = attn.position_bias()
+    assert bias.shape == (1, 16, 16) and bias.min() > 0 and bias.max() < 16  # 16 * sigmoid
+    idx = attn.relative_position_index
+    assert idx[0, 0] == 3 * 7 + 3 and idx.max() == 7 * 7 - 1 and idx.min() == 0
+
+
+def test_window_clamping_and_shifts_at_192_w12():
+    cfg = model_cfg("tiny")
+    with torch.device("meta"):
+        model = SwinTransformerV2(num_classes=0, **cfg)
+    windows = [[(b.window_size, b.shift_size) for b in layer.blocks] for layer in model.layers]
+    assert windows[0] == [(12, 0), (12, 6)] and windows[1] == [(12, 0), (12, 6)]
+    assert windows[2] == [(12, 0)] * 6  # 12x12 map: one window, no shift
+    assert windows[3] == [(6, 0), (6, 0)]  # window clamped to the 6x6 map
+
+
+def test_shift_mask_separates_regions():
+    from models.swinv2 import region_mask, shift_regions
+    mask = region_mask(shift_regions(8, 8, 4, 2))
+    assert mask.shape == (4, 16, 16)
+    assert mask[0].eq(0).all()  # the top-left window holds one region
+    assert set(mask.unique().tolist()) == {-100.0, 0.0}
+    last = mask[3].view(4, 4, 4, 4)  # bottom-right window mixes four regions
+    assert last[0, 0, 0, 0] == 0 and last[0, 0, 3, 3] == -100 and last[0, 0, 1, 1] == 0
+
+
+def test_drop_path_is_stochastic_in_training_only():
+    torch.manual_seed(0)
+    model = randomize_(_micro(drop_path_rate=0.5))
+    x = torch.randn(4, 3, 64, 64)
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    from models.swinv2 import DropPath
+    out = DropPath(0.5).train()(torch.ones(1000, 3))
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+
+
+def test_patch_merging_is_official_order_with_norm_after_reduction():
+    from models.swinv2 import PatchMerging
+    merge = PatchMerging(dim=2, resolution=4)
+    x = torch.randn(1, 4, 4, 2)
+    reference = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    expected = merge.norm(merge.reduction(reference.view(1, 4, 8)))
+    torch.testing.assert_close(merge(x.view(1, 16, 2)), expected)
+    assert merge.norm.normalized_shape == (4,)
+
+
+def test_extra_norm_every_period_blocks_per_stage():
+    with torch.device("meta"):
+        giant = SwinTransformerV2(num_classes=0, **model_cfg("giant"))
+    with_norm3 = [(i, j) for i, layer in enumerate(giant.layers) for j, b in enumerate(layer.blocks)
+                  if b.norm3 is not None]
+    assert with_norm3 == [(2, j) for j in range(5, 42, 6)]
+    torch.manual_seed(0)
+    model = randomize_(_micro(extra_norm_period=2)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = model(x)
+    with torch.no_grad():
+        model.layers[1].blocks[1].norm3.weight.mul_(2)
+    assert not torch.allclose(model(x), before)  # norm3 sits on the main branch
+
+
+# --- sequential attention ---------------------------------------------------------------------------
+
+def _loss_and_grads(model, x):
+    model.zero_grad()
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "plain"])
+def test_sequential_attention_equals_batched(attn_impl):
+    torch.manual_seed(0)
+    batched = randomize_(_micro(attn_impl=attn_impl)).eval()
+    sequential = _micro(attn_impl=attn_impl, sequential_attn=[True, True, True, True], attn_chunk_size=3).eval()
+    sequential.load_state_dict(batched.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    out_b, grads_b = _loss_and_grads(batched, x)
+    out_s, grads_s = _loss_and_grads(sequential, x)
+    assert (out_b - out_s).abs().max() <= 1e-5
+    for name, g in grads_b.items():
+        assert (g - grads_s[name]).abs().max() <= 1e-5, name
+
+
+def test_plain_and_sdpa_paths_agree():
+    torch.manual_seed(0)
+    sdpa = randomize_(_micro()).eval()
+    plain = _micro(attn_impl="plain").eval()
+    plain.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    out_s, grads_s = _loss_and_grads(sdpa, x)
+    out_p, grads_p = _loss_and_grads(plain, x)
+    assert (out_s - out_p).abs().max() <= 1e-5
+    assert all((g - grads_p[n]).abs().max() <= 1e-5 for n, g in grads_s.items())
+
+
+# --- activation checkpointing -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["torch", "torch_reentrant", "fairscale", "fairscale_offload"])
+def test_grad_checkpointing_gives_the_plain_gradients(mode):
+    torch.manual_seed(0)
+    model = randomize_(_micro(drop_path_rate=0.2)).train()  # drop path: the RNG must replay in recompute
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    out_ref, grads_ref = _loss_and_grads(model, x)
+    model.set_grad_checkpointing(mode)
+    torch.manual_seed(1)
+    out, grads = _loss_and_grads(model, x)
+    torch.testing.assert_close(out, out_ref)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5)
+    model.set_grad_checkpointing("none")
+    assert all("forward" not in b.__dict__ for b in model.blocks())
+
+
+def test_grad_checkpointing_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        _micro().set_grad_checkpointing("deepspeed")
+
+
+# --- meta build, materialise, init ------------------------------------------------------------------
+
+def test_meta_build_materialised_equals_normal_build():
+    torch.manual_seed(123)
+    normal = _micro()
+    with torch.device("meta"):
+        meta = _micro()
+    meta.to_empty(device="cpu")
+    torch.manual_seed(123)
+    meta.init_weights()
+    for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    for (name, a), b in zip(normal.named_buffers(), meta.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_giant_builds_on_meta_instantly():
+    import time
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        SwinTransformerV2(num_classes=21841, **model_cfg("giant_3b"))
+    assert time.perf_counter() - t0 < 5
+
+
+# --- parameter counts and FLOPs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,expected,tolerance", [
+    ("tiny", 28.35e6, 1e-3), ("small", 49.73e6, 1e-3), ("base", 87.92e6, 1e-3), ("large", 196.74e6, 1e-3),
+    ("huge", 657.9e6, 1e-3), ("giant", 2.60e9, 5e-3), ("giant_3b", 3.00e9, 5e-3)])
+def test_parameter_counts_with_1000_class_head(name, expected, tolerance):
+    with torch.device("meta"):
+        model = SwinTransformerV2(num_classes=1000, **model_cfg(name))
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - expected) / expected < tolerance, count
+
+
+@pytest.mark.parametrize("name", ["nano", "tiny"])
+def test_analytic_flops_match_flop_counter(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.flops import simmim_forward_flops, swinv2_forward_flops
+    from models.simmim import SimMIM
+    cfg = model_cfg(name)
+    with torch.device("meta"):
+        model = SwinTransformerV2(num_classes=1000, **cfg)
+        simmim = SimMIM(**cfg)
+        x = torch.randn(1, 3, 192, 192)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        with FlopCounterMode(display=False) as simmim_counter:
+            simmim(x, torch.ones(1, 48, 48))
+    assert abs(swinv2_forward_flops(cfg, 1000) / counter.get_total_flops() - 1) < 0.02
+    assert abs(simmim_forward_flops(cfg) / simmim_counter.get_total_flops() - 1) < 0.02
+    # another resolution and window: 256/w16 clamps stage 4 to an 8x8 window
+    cfg = {**cfg, "window_size": 16}
+    with torch.device("meta"):
+        big = SwinTransformerV2(num_classes=10, **{**cfg, "img_size": 256})
+        with FlopCounterMode(display=False) as counter:
+            big(torch.randn(1, 3, 256, 256))
+    assert abs(swinv2_forward_flops(cfg, 10, img_size=256) / counter.get_total_flops() - 1) < 0.02

@@ -1,0 +1,118 @@
+"""SwinV2 model benchmarks: this SwinV2-T vs timm's SwinV2 port, and sequential attention memory.
+
+1. One training step (forward + backward + AdamW) of SwinV2-T at 192px/window 12, ours and timm's side
+   by side, repeats interleaved, medians; fp32 and bf16 autocast. Ratio = timm step time / our step time.
+2. Peak memory of one forward + backward of a stage-1 SwinV2-T block (shifted, with the mask) at
+   1536px/window 32, with sequential attention vs batched, measured by torch's MemTracker on fake tensors
+   (nothing is allocated). Ratio = batched peak / sequential peak.
+
+    .venv/bin/python -m scripts.bench.bench_model [--batch 8] [--repeats 5] [--device cpu|cuda]
+`run()` returns the rows for the scripts.bench aggregator.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from models.swinv2 import SwinTransformerBlock, SwinTransformerV2
+
+TINY = dict(img_size=192, patch_size=4, in_chans=3, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+            window_size=12, mlp_ratio=4.0, drop_path_rate=0.2)
+
+
+def _timm_tiny(num_classes: int):
+    from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+    return TimmSwinV2(num_classes=num_classes, **TINY)
+
+
+def _step_fn(model, batch: int, dtype: torch.dtype | None, device: str):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, TINY["img_size"], TINY["img_size"], device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def bench_step(batch: int, repeats: int, dtype: torch.dtype | None, device: str) -> dict:
+    torch.manual_seed(0)
+    ours = SwinTransformerV2(num_classes=1000, **TINY).to(device).train()
+    timm_model = _timm_tiny(1000).to(device).train()
+    steps = {"ours": _step_fn(ours, batch, dtype, device), "timm": _step_fn(timm_model, batch, dtype, device)}
+    times = {k: [] for k in steps}
+    for _ in range(2):  # warm-up: allocator, autotuning, AdamW state
+        for step in steps.values():
+            step()
+    for _ in range(repeats):  # interleaved so that load on the shared machine hits both alike
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    ours_s, timm_s = statistics.median(times["ours"]), statistics.median(times["timm"])
+    precision = "bf16 autocast" if dtype is not None else "fp32"
+    return dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} (img/s)",
+                ours=batch / ours_s, baseline=batch / timm_s, ratio=timm_s / ours_s,
+                how=f"fwd+bwd+AdamW, median of {repeats} interleaved steps vs timm {_timm_version()} "
+                    f"SwinTransformerV2, {torch.get_num_threads()} threads")
+
+
+def _timm_version() -> str:
+    import timm
+    return timm.__version__
+
+
+def block_peak_bytes(sequential: bool, img_size: int = 1536, window: int = 32, chunk: int = 16) -> int:
+    """Peak bytes of forward + backward of the first shifted stage-1 block of SwinV2-T, batch 1."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    side = img_size // TINY["patch_size"]
+    with FakeTensorMode():
+        block = SwinTransformerBlock(96, side, 3, window, shift=True, pretrained_window_size=0, mlp_ratio=4.0,
+                                     drop_path=0.0, extra_norm=False, attn_impl="sdpa", sequential=sequential,
+                                     chunk_size=chunk)
+        block.init_buffers()
+        x = torch.randn(1, side * side, 96, requires_grad=True)
+        tracker = MemTracker()
+        tracker.track_external(block, x)
+        with tracker:
+            block(x).sum().backward()
+        return tracker.get_tracker_snapshot("peak")[x.device]["Total"]
+
+
+def bench_memory() -> dict:
+    batched, sequential = block_peak_bytes(False), block_peak_bytes(True)
+    return dict(name="swinv2_tiny stage-1 block 1536/w32 peak memory (MiB)",
+                ours=sequential / 2 ** 20, baseline=batched / 2 ** 20, ratio=batched / sequential,
+                how="fwd+bwd, batch 1, fp32, shifted block; MemTracker on fake tensors; ours = sequential "
+                    "attention (16-window chunks), baseline = batched attention")
+
+
+def run(batch: int = 8, repeats: int = 5, device: str | None = None) -> list[dict]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [bench_step(batch, repeats, None, device), bench_step(batch, repeats, torch.bfloat16, device)]
+    rows.append(bench_memory())
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    for row in run(args.batch, args.repeats, args.device):
+        print(f"{row['name']}: ours {row['ours']:.2f}  baseline {row['baseline']:.2f}  "
+              f"ratio {row['ratio']:.2f}x  ({row['how']})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
