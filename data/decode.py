@@ -37,6 +37,8 @@ def _draft_factor(box, out_size: tuple[int, int]) -> int:
 
 def _decode_simplejpeg(data: bytes, box_fn: BoxFn, out_size):
     height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise ValueError("huge image: Pillow decodes it in draft mode or rejects it as a decompression bomb")
     box = box_fn(width, height)
     f = _draft_factor(box, out_size)
     rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(height / f),

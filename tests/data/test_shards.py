@@ -144,3 +144,20 @@ def test_a_stream_of_only_unusable_samples_fails_instead_of_hanging(tmp_path, mo
     write_tar(tmp_path / "labels-missing.tar", {f"{i}.jpg": b"\xff\xd8" for i in range(3)})
     with pytest.raises(RuntimeError, match=r"5 samples in a row were unusable .*labels-missing.tar"):
         next(loader(tmp_path / "labels-missing.tar"))
+
+
+def test_pipe_urls_are_opened_by_webdataset(demo_dir):
+    urls = [f"pipe:cat {demo_dir}/train-{i:06d}.tar" for i in range(2)]
+    ld = build_loader(urls, sample_fn=EvalTransform(img_size=32), batch_size=8, rank=0, world_size=1,
+                      num_workers=0, shuffle_buffer=0, resampled=False, samples_per_epoch=48, seed=0)
+    assert sum(len(next(ld)["label"]) for _ in range(6)) == 48 and ld.stats()["shard_errors"] == 0
+
+
+def test_ranks_with_unequal_shares_yield_the_same_batches_from_disjoint_shards(demo_dir):
+    # 5 shards over 2 ranks: rank 0 reads 3 per pass, rank 1 reads 2, yet both go on forever
+    ranks = [loader(demo_dir / "train-{000000..000004}.tar", rank=r, world_size=2, shuffle_buffer=0,
+                    samples_per_epoch=120) for r in range(2)]
+    assert [r.batches_per_epoch for r in ranks] == [15, 15]
+    seen = [{tuple(img.flatten()[:64].tolist()) for _ in range(12) for img in next(r)["image"]} for r in ranks]
+    assert len(seen[0]) == len(seen[1]) == 48 and not seen[0] & seen[1]
+    assert len(take(ranks[1], 30)) == 30  # well past rank 1's 48 samples per pass
