@@ -121,7 +121,10 @@ class LocalSlurm:
         return sorted(s for s in states if s.endswith(" idle")) == [f"{n} idle" for n in NODES]
 
     def stop(self) -> None:
+        # Jobs outlive `scontrol shutdown` (their slurmstepd keep running): cancel them first.
         try:
+            self.cmd("scancel", f"--user={_user()}")
+            _wait(lambda: not self.cmd("squeue", "--noheader"), 30, "cancelled jobs to end")
             self.cmd("scontrol", "shutdown")
         except RuntimeError:
             pass  # slurmctld is down already; the daemons are stopped below
