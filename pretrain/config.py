@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -192,7 +193,10 @@ def finalize(cfg: DictConfig, world_size: int) -> Config:
         overlay = OmegaConf.to_container(cfg.stages[name])
         if "stages" in overlay:
             raise ConfigError(f"stages.{name} must not contain 'stages'")
-        cfg = OmegaConf.merge(cfg, overlay)
+        try:
+            cfg = OmegaConf.merge(cfg, overlay)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"stages.{name}: {err}") from None
     config: Config = OmegaConf.to_object(cfg)
     validate(config, world_size)
     return config

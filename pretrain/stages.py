@@ -26,6 +26,13 @@ from pretrain.optim import build_param_groups
 log = logging.getLogger(__name__)
 
 
+def next_batch(loader: ShardLoader) -> dict:
+    """The loader seeds its own RNGs per batch (and DataLoader draws its workers' base seed from torch's);
+    none of that may move the training RNG (drop path), or a resumed run would diverge from an unbroken one."""
+    with torch.random.fork_rng(devices=[]):
+        return next(loader)
+
+
 class Stage:
     """Shared wiring; subclasses say how to build the model, read the data and compute the loss."""
 
@@ -181,7 +188,7 @@ class SupervisedStage(Stage):
         counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss sum, images
         engine.module.eval()
         for _ in range(batches):
-            batch = next(self._val)
+            batch = next_batch(self._val)
             logits = engine.forward(batch["image"]).float().cpu()
             label = batch["label"]
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices

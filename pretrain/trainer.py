@@ -18,7 +18,7 @@ from pretrain.metrics import TrainMeter, peak_flops_per_s
 from pretrain.preemption import PreemptionWatcher
 from pretrain.progress import Progress
 from pretrain.schedule import WarmupCosine, scale_lr
-from pretrain.stages import Stage, build_stage
+from pretrain.stages import Stage, build_stage, next_batch
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def train_step(stage: Stage, engine: Engine, loader, accum: int) -> tuple[torch.
     loss_sum, extras_sum, data_wait_s = torch.zeros(()), {}, 0.0
     for _ in range(accum):
         t = time.perf_counter()
-        batch = next(loader)
+        batch = next_batch(loader)
         data_wait_s += time.perf_counter() - t
         loss, extras = stage.loss(engine, batch)
         engine.backward(loss)
@@ -65,6 +65,13 @@ def train(cfg: Config) -> None:
     engine = build_engine(cfg, ctx, stage, accum)
     seed_all(cfg.seed + ctx.rank)  # per-rank randomness (drop path) from here on
     loader = stage.train_loader()
+    logger = RunLogger(run, cfg_dict, rank=ctx.rank, kind=cfg.logger.kind, project=cfg.logger.project,
+                       group=cfg.experiment_name, job_type=cfg.stage.name, mode=cfg.logger.mode,
+                       entity=cfg.logger.entity)
+    # Before the resume: measuring the CPU GEMM peak draws random numbers, which must not shift the
+    # restored RNG stream.
+    meter = TrainMeter(flops_per_image=stage.flops_per_image(), peak_flops=peak_flops_per_s(ctx.device, engine.dtype),
+                       world_size=ctx.world_size, device=ctx.device)
     checkpointer = Checkpointer(rundir.checkpoint_dir(run), ctx, cfg.checkpoint.keep_last)
 
     step = 0
@@ -78,12 +85,6 @@ def train(cfg: Config) -> None:
         rundir.save_config(cfg, run)
     log.info("%s: %d steps, global batch %d (micro %d x accumulation %d x world %d), run dir %s",
              cfg.stage.name, total, cfg.stage.global_batch, cfg.stage.micro_batch, accum, ctx.world_size, run)
-
-    logger = RunLogger(run, cfg_dict, rank=ctx.rank, kind=cfg.logger.kind, project=cfg.logger.project,
-                       group=cfg.experiment_name, job_type=cfg.stage.name, mode=cfg.logger.mode,
-                       entity=cfg.logger.entity)
-    meter = TrainMeter(flops_per_image=stage.flops_per_image(), peak_flops=peak_flops_per_s(ctx.device, engine.dtype),
-                       world_size=ctx.world_size, device=ctx.device)
     progress = Progress(total, rank=ctx.rank, start_step=step, desc=cfg.stage.name)
     watcher = PreemptionWatcher()
     schedule = lr_schedule(cfg, total)

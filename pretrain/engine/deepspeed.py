@@ -59,6 +59,9 @@ class DeepSpeedEngine(Engine):
         self.zero3 = ecfg.zero_stage == 3
         self.json = deepspeed_json(ecfg, micro_batch=cfg.stage.micro_batch, accum=accum,
                                    world_size=ctx.world_size, clip_grad=cfg.stage.optim.clip_grad)
+        # On CPU DeepSpeed would JIT-compile a shared-memory all-reduce kernel (a minute or more, under a file
+        # lock every other DeepSpeed process then waits on); gloo's collectives are what it falls back to.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed()  # adopts the process group pretrain.dist started
 
         # Every rank builds the whole model and DeepSpeed partitions it at initialize. Building under

@@ -1,0 +1,86 @@
+"""The config tree: defaults compose for each stage; wrong keys, types and values fail early, naming the key."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from pretrain.config import (CONF_DIR, ConfigError, DeepSpeedConfig, SimMIMStageConfig, SupervisedStageConfig,
+                             finalize, grad_accum_steps, register_configs)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def compose_cfg(*overrides: str):
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("stage, schema", [("simmim", SimMIMStageConfig), ("supervised", SupervisedStageConfig)])
+def test_default_stage_composes_to_typed_config(stage, schema):
+    cfg = finalize(compose_cfg(f"+stage={stage}"), world_size=2)
+    assert isinstance(cfg.stage, schema) and cfg.stage.name == stage
+    assert isinstance(cfg.engine, DeepSpeedConfig)
+    assert (cfg.engine.zero_stage, cfg.engine.precision) == (3, "bf16")
+    assert cfg.model.name == "swinv2_nano" and cfg.data.name == "demo"
+    assert grad_accum_steps(cfg, 2) * cfg.stage.micro_batch * 2 == cfg.stage.global_batch
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigCompositionException, match="stage.foo") as err:
+        compose_cfg("+stage=simmim", "stage.foo=1")
+    assert "SimMIMStageConfig" in str(err.value.__cause__)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigCompositionException, match="stage.steps=abc") as err:
+        compose_cfg("+stage=simmim", "stage.steps=abc")
+    assert "could not be converted to Integer" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("engine.zero_stage=4", "engine.zero_stage"),
+    ("engine.precision=fp16", "engine.precision"),
+    ("stage.global_batch=33", "stage.global_batch"),
+    ("stage.optim.warmup_steps=100000", "stage.optim.warmup_steps"),
+    ("model.grad_checkpointing=always", "model.grad_checkpointing"),
+    ("stage.steps=0", "stage.epochs/stage.steps"),
+])
+def test_bad_value_is_named(override, key):
+    with pytest.raises(ConfigError, match=key):
+        finalize(compose_cfg("+stage=simmim", override), world_size=2)
+
+
+def test_global_batch_must_split_over_the_world():
+    cfg = compose_cfg("+stage=simmim", "stage.global_batch=48", "stage.micro_batch=16")
+    assert finalize(cfg, world_size=1).stage.global_batch == 48
+    with pytest.raises(ConfigError, match="micro_batch x world = 16 x 2"):
+        finalize(cfg, world_size=2)
+
+
+STAGES = "++stages={simmim:{model:{drop_path_rate:0.0}},supervised:{model:{drop_path_rate:0.3},stage:{optim:{layer_decay:0.87}}}}"
+
+
+def test_per_stage_values_apply_to_the_chosen_stage_only():
+    sim = finalize(compose_cfg("+stage=simmim", STAGES), world_size=2)
+    sup = finalize(compose_cfg("+stage=supervised", STAGES), world_size=2)
+    assert (sim.model.drop_path_rate, sim.stage.optim.layer_decay) == (0.0, 1.0)
+    assert (sup.model.drop_path_rate, sup.stage.optim.layer_decay) == (0.3, 0.87)
+
+
+def test_per_stage_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="stages.simmim"):
+        finalize(compose_cfg("+stage=simmim", "++stages={simmim:{stage:{mask_ratoi:0.5}}}"), world_size=2)
+
+
+def test_launcher_without_stage_lists_the_stages(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), f"run_root={tmp_path}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "+stage=NAME" in proc.stderr and "simmim" in proc.stderr and "supervised" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no run dir

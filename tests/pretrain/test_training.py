@@ -1,0 +1,91 @@
+"""Real 2-rank gloo runs of launch/pretrain.py under DeepSpeed ZeRO-3: resume and the two-stage chain."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.demo import write_demo_shards
+from models import encoder_state_dict
+from pretrain.engine.deepspeed import DeepSpeedEngine
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_demo_shards(str(out), num_classes=10, train_samples=96, val_samples=48, samples_per_shard=24,
+                      image_size=(80, 64), seed=0)
+    return out
+
+
+def launch(shards: Path, run_root: Path, stage: str, *overrides: str) -> str:
+    """torchrun 2 ranks on a tiny model; returns rank 0's output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+           str(REPO / "launch" / "pretrain.py"), f"+stage={stage}", f"run_root={run_root}", "logger=none",
+           "logger.every=1", f"data.train_urls={shards}/train.txt", f"data.val_urls={shards}/val.txt",
+           "data.samples_per_epoch=96", "data.val_samples=48", "data.num_workers=1", "data.shuffle_buffer=16",
+           "model.img_size=64", "model.window_size=4", "stage.global_batch=8", "stage.micro_batch=2",
+           "stage.optim.warmup_steps=1", *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(shards, tmp_path):
+    # One uninterrupted run: 6 steps (accumulation 2), checkpoints at 2, 4, 6, the last two kept.
+    args = ("stage.steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "stage.mask_patch_size=16")
+    launch(shards, tmp_path / "a", "simmim", *args)
+    a = tmp_path / "a" / "demo" / "simmim"
+    ckpts = a / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert (a / "config.yaml").exists()
+
+    # The same run stopped right after its step-4 checkpoint, then relaunched with the same command.
+    b = tmp_path / "b" / "demo" / "simmim"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step_00000006")
+    (b / "checkpoints" / "latest").write_text("step_00000004")
+    (b / "metrics.jsonl").unlink()
+    out = launch(shards, tmp_path / "b", "simmim", *args)
+    assert "resumed from" in out and "step_00000004 at step 4" in out
+
+    full, resumed = losses(a), losses(b)
+    assert sorted(full) == list(range(1, 7)) and sorted(resumed) == [5, 6]
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), (step, resumed[step], full[step])
+    assert full[6] != full[5]  # the comparison is not between constants
+
+
+def test_supervised_starts_from_the_simmim_encoder(shards, tmp_path):
+    common = ("engine.precision=fp32", "stage.mask_patch_size=16")
+    launch(shards, tmp_path, "simmim", "stage.steps=2", *common)
+    # lr 0: the supervised weights after its one step are exactly the ones it started from
+    out = launch(shards, tmp_path, "supervised", "stage.steps=1", "stage.optim.warmup_steps=0", common[0],
+                 "stage.optim.lr=0", "stage.optim.min_lr=0", "stage.optim.warmup_lr=0", "stage.eval_batches=1")
+    simmim_ckpts = tmp_path / "demo" / "simmim" / "checkpoints"
+    assert f"init_from {simmim_ckpts / 'step_00000002'}" in out
+    assert "dropped ['decoder', 'encoder.mask_token']" in out and "['head.weight', 'head.bias']" in out
+
+    encoder = encoder_state_dict(DeepSpeedEngine.read_weights(simmim_ckpts, "step_00000002"))
+    supervised = DeepSpeedEngine.read_weights(tmp_path / "demo" / "supervised" / "checkpoints", "step_00000001")
+    assert set(supervised) - set(encoder) == {"head.weight", "head.bias"}
+    for name, value in encoder.items():
+        assert torch.equal(supervised[name], value), name
+
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "supervised" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/top1" in r]
+    assert len(evals) == 1 and evals[0]["eval/images"] == 4 and 0 <= evals[0]["eval/top1"] <= 100
