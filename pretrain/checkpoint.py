@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from pretrain import dist
 from pretrain.dist import DistContext
@@ -75,16 +76,33 @@ class Checkpointer:
         dist.barrier()
         return tag
 
+    def saved_world_size(self, tag: str) -> int:
+        return len(list((self.dir / tag).glob("client_rank*.pt")))
+
     def load(self, engine: Engine, tag: str) -> dict[str, Any]:
-        """Collective: restore engine state, this rank's RNG, and return its client state."""
-        client_file = self._client_file(tag, self.ctx.rank)
-        if not client_file.exists():
-            raise FileNotFoundError(
-                f"{client_file} is missing: checkpoint {self.dir / tag} was not saved by rank {self.ctx.rank} "
-                f"(saved with another world size?)")
+        """Collective: restore engine state, this rank's RNG, and return its client state.
+
+        On another world size than the save's, the engine reshards its own state, the client state is rank
+        0's with `loader` replaced by the list of every old rank's loader state (data.shards re-splits the
+        stream from it), and a rank without an old counterpart keeps its freshly seeded RNG.
+        """
+        saved = self.saved_world_size(tag)
+        if saved == 0:
+            raise FileNotFoundError(f"checkpoint {self.dir / tag} has no client_rank*.pt files: incomplete?")
         engine.load(self.dir, tag)
-        client = torch.load(client_file, weights_only=True)
-        set_rng_state(client.pop("rng"))
+        if saved == self.ctx.world_size:
+            client = torch.load(self._client_file(tag, self.ctx.rank), weights_only=True)
+            set_rng_state(client.pop("rng"))
+            return client
+        clients = [torch.load(self._client_file(tag, r), weights_only=True) for r in range(saved)]
+        if self.ctx.rank < saved:
+            set_rng_state(clients[self.ctx.rank]["rng"])
+        old = OmegaConf.create(clients[0]["config"]).stage
+        log.info("resuming %s on another world size: %d -> %d ranks; it was saved with global batch %d = micro "
+                 "%d x accumulation %d x world %d", self.dir / tag, saved, self.ctx.world_size, old.global_batch,
+                 old.micro_batch, old.global_batch // (old.micro_batch * saved), saved)
+        client = {k: v for k, v in clients[0].items() if k != "rng"}
+        client["loader"] = [c["loader"] for c in clients]
         return client
 
     def _prune(self) -> None:

@@ -38,9 +38,9 @@ def convert_to_universal(tag_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     args = Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
                      keep_temp_folder=False, strict=True, inject_missing_state=True)
-    chatter = io.StringIO()  # ds_to_universal prints every step and file
+    chatter = io.StringIO()  # ds_to_universal prints every step and file, and progress bars
     try:
-        with contextlib.redirect_stdout(chatter):
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             ds_to_universal(args)
     except Exception:
         log.error("ds_to_universal failed on %s; its output:\n%s", tag_dir, chatter.getvalue()[-4000:])
