@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from data.decode import decode_crop_resize
+from data.decode import DECODERS, decode_crop_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +53,12 @@ def center_box(width: int, height: int, crop_pct: float):
     return left, top, left + side, top + side
 
 
+def _checked_decoder(decoder: str) -> str:
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder {decoder!r}: expected one of {DECODERS}")
+    return decoder
+
+
 class _Normalize:
     """uint8 (3, H, W) -> contiguous float32 (x / 255 - mean) / std, in two passes."""
 
@@ -86,26 +92,34 @@ class MaskGenerator:
         return mask.repeat_interleave(self.scale, 0).repeat_interleave(self.scale, 1)
 
 
+class RandomResizedCropFlip:
+    """Decode with a random crop resized to img_size x img_size, flip: bytes -> uint8 (3, H, W)."""
+
+    def __init__(self, *, img_size: int, crop_scale, crop_ratio, hflip: float, interpolation: str, decoder: str):
+        self.img_size, self.crop_scale, self.crop_ratio = img_size, tuple(crop_scale), tuple(crop_ratio)
+        self.hflip, self.interpolation, self.decoder = hflip, interpolation, _checked_decoder(decoder)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        img = decode_crop_resize(data, lambda w, h: random_resized_box(w, h, self.crop_scale, self.crop_ratio),
+                                 (self.img_size, self.img_size), interpolation=self.interpolation,
+                                 decoder=self.decoder)
+        return img.flip(-1) if torch.rand(1).item() < self.hflip else img
+
+
 class SimMIMTransform:
     """RandomResizedCrop (bilinear) + flip + normalise, plus a SimMIM mask: bytes -> {image, mask}."""
 
     def __init__(self, *, img_size: int = 192, crop_scale=(0.67, 1.0), crop_ratio=(3 / 4, 4 / 3),
                  hflip: float = 0.5, mask_patch_size: int = 32, model_patch_size: int = 4,
                  mask_ratio: float = 0.6, mean=IMAGENET_MEAN, std=IMAGENET_STD, decoder: str = "simplejpeg"):
-        self.img_size, self.crop_scale, self.crop_ratio = img_size, tuple(crop_scale), tuple(crop_ratio)
-        self.hflip, self.normalize, self.decoder = hflip, _Normalize(mean, std), decoder
+        self.crop = RandomResizedCropFlip(img_size=img_size, crop_scale=crop_scale, crop_ratio=crop_ratio,
+                                          hflip=hflip, interpolation="bilinear", decoder=decoder)
+        self.normalize = _Normalize(mean, std)
         self.mask_generator = MaskGenerator(input_size=img_size, mask_patch_size=mask_patch_size,
                                             model_patch_size=model_patch_size, mask_ratio=mask_ratio)
 
-    def _image(self, data: bytes, interpolation: str) -> torch.Tensor:
-        img = decode_crop_resize(data, lambda w, h: random_resized_box(w, h, self.crop_scale, self.crop_ratio),
-                                 (self.img_size, self.img_size), interpolation=interpolation,
-                                 decoder=self.decoder)
-        return img.flip(-1) if torch.rand(1).item() < self.hflip else img
-
     def __call__(self, data: bytes) -> dict:
-        img = self._image(data, "bilinear")
-        return dict(image=self.normalize(img), mask=self.mask_generator())
+        return dict(image=self.normalize(self.crop(data)), mask=self.mask_generator())
 
 
 class _RandAugment(v2.RandAugment):
@@ -137,20 +151,21 @@ class _RandAugment(v2.RandAugment):
         return super().forward(*inputs)
 
 
-class SupervisedTransform(SimMIMTransform):
+class SupervisedTransform:
     """Bicubic RandomResizedCrop + flip + RandAugment + normalise + random erasing: bytes -> {image}."""
 
     def __init__(self, *, img_size: int = 192, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
-                 hflip: float = 0.5, rand_augment: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 decoder: str = "simplejpeg"):
-        super().__init__(img_size=img_size, crop_scale=crop_scale, crop_ratio=crop_ratio, hflip=hflip,
-                         mean=mean, std=std, decoder=decoder)
+                 hflip: float = 0.5, rand_augment: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, decoder: str = "simplejpeg"):
+        self.crop = RandomResizedCropFlip(img_size=img_size, crop_scale=crop_scale, crop_ratio=crop_ratio,
+                                          hflip=hflip, interpolation="bicubic", decoder=decoder)
+        self.normalize = _Normalize(mean, std)
         self.randaug = _RandAugment(rand_augment) if rand_augment else None  # "" = off
         # value="random": per-pixel normal noise, timm's mode="pixel"
         self.erase = v2.RandomErasing(p=reprob, value="random") if reprob > 0 else None
 
     def __call__(self, data: bytes) -> dict:
-        img = self._image(data, "bicubic")
+        img = self.crop(data)
         if self.randaug is not None:  # on a PIL image: torchvision's PIL ops are ~2.5x faster than its tensor ops
             pil = self.randaug(Image.fromarray(img.permute(1, 2, 0).numpy()))
             img = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
@@ -166,7 +181,7 @@ class EvalTransform:
     def __init__(self, *, img_size: int = 192, crop_pct: float = 0.875, interpolation: str = "bicubic",
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, decoder: str = "simplejpeg"):
         self.img_size, self.crop_pct, self.interpolation = img_size, crop_pct, interpolation
-        self.normalize, self.decoder = _Normalize(mean, std), decoder
+        self.normalize, self.decoder = _Normalize(mean, std), _checked_decoder(decoder)
 
     def __call__(self, data: bytes) -> dict:
         img = decode_crop_resize(data, lambda w, h: center_box(w, h, self.crop_pct),

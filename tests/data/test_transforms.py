@@ -116,6 +116,22 @@ def test_crop_resize_matches_pillow_on_the_box():
         assert np.abs(ours - ref).mean() < 0.1
 
 
+def test_unknown_decoder_is_rejected_up_front():
+    with pytest.raises(ValueError, match="decoder 'turbo'"):
+        SimMIMTransform(decoder="turbo")
+    with pytest.raises(ValueError, match="decoder 'turbo'"):
+        EvalTransform(decoder="turbo")
+
+
+def test_pillow_decoder_gives_the_same_crop():
+    data = jpeg()
+    torch.manual_seed(1)
+    fast = SimMIMTransform(img_size=96, decoder="simplejpeg")(data)["image"]
+    torch.manual_seed(1)
+    slow = SimMIMTransform(img_size=96, decoder="pillow")(data)["image"]
+    assert (fast - slow).abs().mean() < 0.05  # same crop and flip; the two libjpeg builds differ by rounding
+
+
 def test_undecodable_bytes_raise():
     with pytest.raises(Exception):
         SimMIMTransform()(b"\xff\xd8 not a jpeg")
