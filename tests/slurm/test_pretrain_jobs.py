@@ -120,7 +120,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_without_a_bump(slurm, sh
     rows = metrics(run_dir)
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))  # every step once, none lost
     # The same config, never interrupted. Two such runs differ by < 1e-4 (reduction order); a resume that
-    # lost the data position, the RNG, the optimizer or the lr schedule differs by about 1e-2.
+    # lost the data position, the RNG, the optimizer or the lr schedule differs by 1e-2 or more here.
     reference = metrics(chain.runs / "simmim")
     losses = [row["train/loss"] for row in rows]
     assert losses == pytest.approx([row["train/loss"] for row in reference], rel=1e-3)
