@@ -1,19 +1,16 @@
 """RunLogger on 2 real gloo ranks with wandb offline, read back from the offline run file."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pretrain.loggers import METRICS_FILE, RunLogger, read_metrics
+from torchrun import torchrun
 from wandb_offline import offline_runs, read_run
 
-REPO = Path(__file__).resolve().parents[2]
 JOB = Path(__file__).with_name("log_job.py")
 EXPECTED_KEYS = {
     "step", "train/loss", "train/l1_masked", "train/grad_norm", "lr/backbone", "lr/head", "perf/img_per_s",
@@ -23,12 +20,7 @@ EXPECTED_KEYS = {
 
 
 def launch(run_dir: Path, *args: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_SILENT="true")
-    env.pop("WANDB_MODE", None)  # offline must be the default, not something the environment provides
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", str(JOB),
-           str(run_dir), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    torchrun(JOB, str(run_dir), *args, timeout=120)
 
 
 @pytest.fixture(scope="module")
