@@ -15,6 +15,7 @@ import os
 import secrets
 import string
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -79,11 +80,21 @@ def simmim_panel(image, mask, reconstruction, mean, std, *, norm_target_patch: i
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Rows of `metrics.jsonl`, last write wins per (step, keys): a resumed run overwrites the steps it redid."""
+    """Rows of `metrics.jsonl` merged per step, last write wins: a resumed run overwrites the steps it redid.
+
+    A line cut short by a killed job is skipped with a warning; anything else unreadable is an error.
+    """
+    path = Path(run_dir) / METRICS_FILE
     rows: dict[int, dict] = {}
-    with open(Path(run_dir) / METRICS_FILE) as f:
-        for line in f:
-            row = json.loads(line)
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if line.endswith("\n") and not line.startswith("{"):
+                    raise ValueError(f"{path}:{number} is not a JSON metrics row: {line[:80]!r}") from None
+                warnings.warn(f"{path}:{number}: skipping a torn line (job killed while writing?)")
+                continue
             rows.setdefault(row["step"], {}).update(row)
     return [rows[s] for s in sorted(rows)]
 
@@ -114,7 +125,11 @@ class RunLogger:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / METRICS_FILE, "a", buffering=1)  # line-buffered: tail -f works
+        path = self.run_dir / METRICS_FILE
+        torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self._jsonl = open(path, "a", buffering=1)  # line-buffered: tail -f works
+        if torn:  # a killed job's last row: start ours on a line of their own
+            self._jsonl.write("\n")
         if kind == "wandb":
             self._wandb_run = self._init_wandb(cfg_dict, project, group, job_type, name, mode, entity)
 

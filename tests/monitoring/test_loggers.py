@@ -129,3 +129,19 @@ def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
     logger.log(1, {"train/loss": 2.0})
     logger.finish()
     assert offline_runs(tmp_path) == [] and read_metrics(tmp_path)[0]["train/loss"] == 2.0
+
+
+def test_a_row_torn_by_a_killed_job_is_skipped_and_the_resume_appends_cleanly(tmp_path):
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "train/loss": 3.0}\n{"step": 2, "train/lo')
+    logger = RunLogger(tmp_path, {}, rank=0, kind="none")
+    logger.log(2, {"train/loss": 2.0})
+    logger.finish()
+    with pytest.warns(UserWarning, match=f"{METRICS_FILE}:2: skipping a torn line"):
+        rows = read_metrics(tmp_path)
+    assert rows == [{"step": 1, "train/loss": 3.0}, {"step": 2, "time": rows[1]["time"], "train/loss": 2.0}]
+
+
+def test_a_foreign_line_in_the_metrics_file_is_an_error(tmp_path):
+    (tmp_path / METRICS_FILE).write_text("step,loss\n")
+    with pytest.raises(ValueError, match=f"{METRICS_FILE}:1 is not a JSON metrics row"):
+        read_metrics(tmp_path)
