@@ -25,11 +25,14 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def launch(shards: Path, run_root: Path, stage: str, *overrides: str) -> str:
-    """torchrun 2 ranks on a tiny model; returns rank 0's output."""
+def launch(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun: bool = True) -> str:
+    """A tiny model on 2 ranks under torchrun, or as one plain process; returns the output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-           str(REPO / "launch" / "pretrain.py"), f"+stage={stage}", f"run_root={run_root}", "logger=none",
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    runner = ([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"] if torchrun
+              else [sys.executable])
+    cmd = [*runner, str(REPO / "launch" / "pretrain.py"), f"+stage={stage}", f"run_root={run_root}", "logger=none",
            "logger.every=1", f"data.train_urls={shards}/train.txt", f"data.val_urls={shards}/val.txt",
            "data.samples_per_epoch=96", "data.val_samples=48", "data.num_workers=1", "data.shuffle_buffer=16",
            "model.img_size=64", "model.window_size=4", "stage.global_batch=8", "stage.micro_batch=2",
@@ -46,8 +49,11 @@ def losses(run: Path) -> dict[int, float]:
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(shards, tmp_path):
     # One uninterrupted run: 6 steps (accumulation 2), checkpoints at 2, 4, 6, the last two kept.
-    args = ("stage.steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "stage.mask_patch_size=16")
-    launch(shards, tmp_path / "a", "simmim", *args)
+    args = ("stage.steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "stage.mask_patch_size=16",
+            "model.grad_checkpointing=torch")
+    out = launch(shards, tmp_path / "a", "simmim", *args)
+    assert "ZeRO-3 bf16, micro batch 2 x accumulation 2 x world 2 = global batch 8" in out
+    assert "grad checkpointing torch_reentrant" in out  # ZeRO-3 needs the reentrant variant
     a = tmp_path / "a" / "demo" / "simmim"
     ckpts = a / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006"]
@@ -72,7 +78,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(shards, tmp_path):
 
 def test_supervised_starts_from_the_simmim_encoder(shards, tmp_path):
     common = ("engine.precision=fp32", "stage.mask_patch_size=16")
-    launch(shards, tmp_path, "simmim", "stage.steps=2", *common)
+    out = launch(shards, tmp_path, "simmim", "stage.steps=2", *common, torchrun=False)  # one plain process
+    assert "micro batch 2 x accumulation 4 x world 1" in out
     # lr 0: the supervised weights after its one step are exactly the ones it started from
     out = launch(shards, tmp_path, "supervised", "stage.steps=1", "stage.optim.warmup_steps=0", common[0],
                  "stage.optim.lr=0", "stage.optim.min_lr=0", "stage.optim.warmup_lr=0", "stage.eval_batches=1")
