@@ -33,11 +33,27 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.reshape(-1, window * window, C)
 
 
-def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
-    """(B * nW, window * window, C) -> (B, H, W, C)."""
-    C = windows.shape[-1]
-    x = windows.view(-1, H // window, W // window, window, window, C).transpose(2, 3)
-    return x.reshape(-1, H, W, C)
+class _PermuteTokens(torch.autograd.Function):
+    """x[:, order] for a permutation `order`, whose gradient is the inverse gather (not a scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def window_token_order(resolution: int, window: int, shift: int) -> torch.Tensor:
+    """(L,) token index of each position of the cyclically shifted, window-partitioned map: one gather
+    does torch.roll + window_partition (three copies in eager mode, with roll over two dims)."""
+    idx = torch.arange(resolution * resolution).view(1, resolution, resolution, 1)
+    if shift:
+        idx = torch.roll(idx, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(idx, window).flatten()
 
 
 def relative_coords_table(window: int, pretrained_window: int) -> torch.Tensor:
@@ -134,9 +150,10 @@ class WindowAttention(nn.Module):
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))  # k has no bias
         qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B_, nH, N, d)
+        # cosine similarity times the clamped learned scale, folded into q: one pass over q, not over q k^T
         scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
-        q = F.normalize(q, dim=-1) * scale
-        k = F.normalize(k, dim=-1)
+        q = q * (scale / q.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        k = k * (1.0 / k.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         rel_bias = self.position_bias()
         if self.sequential:
             out = self._sequential(q, k, v, rel_bias, regions)
@@ -209,13 +226,18 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim) if extra_norm else None
-        N, nW = window_size * window_size, (resolution // window_size) ** 2
+        N, nW, L = window_size * window_size, (resolution // window_size) ** 2, resolution * resolution
         self.register_buffer("attn_regions", torch.empty(nW, N) if self.shift_size else None, persistent=False)
+        self.register_buffer("token_order", torch.empty(L, dtype=torch.long), persistent=False)
+        self.register_buffer("token_inverse", torch.empty(L, dtype=torch.long), persistent=False)
 
     def init_buffers(self):
+        R = self.resolution
         if self.attn_regions is not None:
-            R = self.resolution
             self.attn_regions.copy_(shift_regions(R, R, self.window_size, self.shift_size))
+        order = window_token_order(R, self.window_size, self.shift_size)
+        self.token_order.copy_(order)
+        self.token_inverse.copy_(torch.argsort(order))
 
     def init_respostnorm(self):
         for norm in (self.norm1, self.norm2):
@@ -223,21 +245,16 @@ class SwinTransformerBlock(nn.Module):
             nn.init.zeros_(norm.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C)
-        B, L, C = x.shape
-        x = x + self.drop_path(self.norm1(self._window_attention(x.view(B, self.resolution, self.resolution, C))))
+        x = x + self.drop_path(self.norm1(self._window_attention(x)))
         x = x + self.drop_path(self.norm2(self.mlp(x)))
         return x if self.norm3 is None else self.norm3(x)
 
-    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, L, C)
-        B, H, W, C = x.shape
-        s = self.shift_size
-        if s:
-            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        x = self.attn(window_partition(x, self.window_size), self.attn_regions)
-        x = window_reverse(x, self.window_size, H, W)
-        if s:
-            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        return x.reshape(B, H * W, C)
+    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Shift, partition, attend, merge, shift back; (B, L, C) -> (B, L, C)."""
+        B, L, C = x.shape
+        windows = _PermuteTokens.apply(x, self.token_order, self.token_inverse).view(-1, self.window_size ** 2, C)
+        out = self.attn(windows, self.attn_regions).view(B, L, C)
+        return _PermuteTokens.apply(out, self.token_inverse, self.token_order)
 
 
 class PatchMerging(nn.Module):

@@ -1,7 +1,8 @@
 """SwinV2 model benchmarks: this SwinV2-T vs timm's SwinV2 port, and sequential attention memory.
 
-1. One training step (forward + backward + AdamW) of SwinV2-T at 192px/window 12, ours and timm's side
-   by side, repeats interleaved, medians; fp32 and bf16 autocast. Ratio = timm step time / our step time.
+1. One training step (forward + backward + AdamW) of SwinV2-T at 192px/window 12, ours (both attention
+   paths, sdpa and plain) and timm's side by side, repeats interleaved, medians; fp32 and bf16 autocast.
+   Ratio = timm step time / our step time (> 1: ours is faster).
 2. Peak memory of one forward + backward of a stage-1 SwinV2-T block (shifted, with the mask) at
    1536px/window 32, with sequential attention vs batched, measured by torch's MemTracker on fake tensors
    (nothing is allocated). Ratio = batched peak / sequential peak.
@@ -42,26 +43,31 @@ def _step_fn(model, batch: int, dtype: torch.dtype | None, device: str):
     return step
 
 
-def bench_step(batch: int, repeats: int, dtype: torch.dtype | None, device: str) -> dict:
+def bench_step(batch: int, repeats: int, dtype: torch.dtype | None, device: str) -> list[dict]:
+    """Both attention paths of ours and timm's model, stepped in turn; one row per path of ours."""
     torch.manual_seed(0)
-    ours = SwinTransformerV2(num_classes=1000, **TINY).to(device).train()
-    timm_model = _timm_tiny(1000).to(device).train()
-    steps = {"ours": _step_fn(ours, batch, dtype, device), "timm": _step_fn(timm_model, batch, dtype, device)}
-    times = {k: [] for k in steps}
-    for _ in range(2):  # warm-up: allocator, autotuning, AdamW state
+    models = {impl: SwinTransformerV2(num_classes=1000, attn_impl=impl, **TINY) for impl in ("sdpa", "plain")}
+    models["timm"] = _timm_tiny(1000)
+    steps = {name: _step_fn(model.to(device).train(), batch, dtype, device) for name, model in models.items()}
+    times = {name: [] for name in steps}
+    for _ in range(2):  # warm-up: allocator, kernel selection, AdamW state
         for step in steps.values():
             step()
-    for _ in range(repeats):  # interleaved so that load on the shared machine hits both alike
+    for _ in range(repeats):  # interleaved, so that load on a shared machine hits all alike
         for name, step in steps.items():
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
-    ours_s, timm_s = statistics.median(times["ours"]), statistics.median(times["timm"])
+    timm_s = statistics.median(times["timm"])
     precision = "bf16 autocast" if dtype is not None else "fp32"
-    return dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} (img/s)",
-                ours=batch / ours_s, baseline=batch / timm_s, ratio=timm_s / ours_s,
-                how=f"fwd+bwd+AdamW, median of {repeats} interleaved steps vs timm {_timm_version()} "
-                    f"SwinTransformerV2, {torch.get_num_threads()} threads")
+    rows = []
+    for impl in ("sdpa", "plain"):
+        ours_s = statistics.median(times[impl])
+        rows.append(dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} attn={impl} (img/s)",
+                         ours=batch / ours_s, baseline=batch / timm_s, ratio=timm_s / ours_s,
+                         how=f"fwd+bwd+AdamW, median of {repeats} interleaved steps vs timm {_timm_version()} "
+                             f"SwinTransformerV2, {torch.get_num_threads()} threads"))
+    return rows
 
 
 def _timm_version() -> str:
@@ -98,9 +104,8 @@ def bench_memory() -> dict:
 
 def run(batch: int = 8, repeats: int = 5, device: str | None = None) -> list[dict]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = [bench_step(batch, repeats, None, device), bench_step(batch, repeats, torch.bfloat16, device)]
-    rows.append(bench_memory())
-    return rows
+    rows = bench_step(batch, repeats, None, device) + bench_step(batch, repeats, torch.bfloat16, device)
+    return rows + [bench_memory()]
 
 
 def main():
