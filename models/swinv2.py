@@ -164,7 +164,7 @@ class WindowAttention(nn.Module):
             nW = regions.shape[0]
             q, k, v = (t.reshape(B_ // nW, nW * self.num_heads, N, -1) for t in (q, k, v))
             bias = (rel_bias + region_mask(regions).unsqueeze(1)).view(1, nW * self.num_heads, N, N)
-            out = attend(q, k, v, bias, self.attn_impl).view(B_, self.num_heads, N, -1)
+            out = attend(q, k, v, bias, self.attn_impl).reshape(B_, self.num_heads, N, -1)
         return self.proj(out.transpose(1, 2).reshape(B_, N, C))
 
     def _sequential(self, q, k, v, rel_bias, regions) -> torch.Tensor:
