@@ -111,11 +111,15 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> None:
-        if universal.saved_world_size(directory / tag) != self.ds.dp_world_size:  # ZeRO partitions don't reshard
+        resharded = universal.saved_world_size(directory / tag) != self.ds.dp_world_size
+        if resharded:  # ZeRO partitions only load on the world size that wrote them
             directory, tag = universal.universal_checkpoint(directory / tag)
             self.ds._config.load_universal_checkpoint = True
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
+        if resharded:
+            universal.repair_after_load(self.ds.optimizer, groups)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {directory / tag}")
 

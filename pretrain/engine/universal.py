@@ -15,6 +15,7 @@ import shutil
 from argparse import Namespace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
@@ -57,3 +58,15 @@ def universal_checkpoint(tag_dir: Path) -> tuple[Path, str]:
         convert_to_universal(tag_dir)
     dist.barrier()
     return tag_dir, UNIVERSAL
+
+
+def repair_after_load(zero_optimizer, group_settings: list[dict]) -> None:
+    """Undo two things DeepSpeed 0.19's universal load gets wrong for an optimizer with several groups:
+    it copies group 0's settings (weight decay, our lr_scale and family) onto every group, and it gives
+    every group's AdamW state one shared `step` tensor, which each group's update then increments (so
+    group k's bias correction runs k steps ahead)."""
+    for group, settings in zip(zero_optimizer.param_groups, group_settings):
+        group.update(settings)
+    for state in zero_optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
