@@ -185,8 +185,9 @@ def attention_kernel_on_meta(kernel: str):
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         if q.is_meta and q.dim() == 4 and not kwargs:
+            # contiguous: the CUDA kernel's output is a transposed (B, N, H, d) layout; only saved bytes matter here
             return torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+                q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale)[0].contiguous()
         return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         **kwargs)
 

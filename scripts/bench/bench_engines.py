@@ -1,0 +1,145 @@
+"""Engine step time on 2 CPU ranks: DeepSpeed ZeRO-3 vs torch FSDP2 vs plain DDP, side by side in one launch.
+
+Each engine trains the SimMIM stage of the same model on the same fixed batch (no data loading: the engines
+are what is compared), bf16: ZeRO-3 and FSDP2 through the project's engines (pretrain/engine/), DDP as torch's
+DistributedDataParallel with bf16 autocast and the same AdamW groups and clipping. The engines take turns,
+step by step, so load on the shared machine hits them alike; a step's time is the slowest rank's.
+
+    .venv/bin/python -m scripts.bench.bench_engines [--models swinv2_nano swinv2_tiny] [--steps 4]
+`run()` returns the rows for the scripts.bench aggregator (baseline = DDP; ratio = DDP time / engine time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+ENGINES = {"zero3": ["engine=deepspeed", "engine.zero_stage=3", "engine.precision=bf16"],
+           "fsdp2": ["engine=fsdp", "engine.precision=bf16"],
+           "ddp": ["engine=deepspeed", "engine.precision=bf16"]}  # config only; DDP is built here
+MICRO_BATCH = 4
+WORKER_TIMEOUT_S = 480
+
+
+class DDPEngine:
+    """The baseline: whole model and optimizer on every rank, gradients all-reduced, bf16 autocast."""
+
+    def __init__(self, cfg, recipe):
+        from torch.nn.parallel import DistributedDataParallel
+        self.module = recipe.build_model()
+        self.module.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        self.ddp = DistributedDataParallel(self.module)
+        o = cfg.stage.optim
+        self.optimizer = torch.optim.AdamW(recipe.param_groups(self.module), lr=o.lr, betas=tuple(o.betas),
+                                           eps=o.eps)
+        self.clip_grad = o.clip_grad
+
+    def forward(self, *args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.ddp(*args)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+
+def build(name: str, model: str, ctx):
+    from pretrain.engine import build_engine
+    from pretrain.stages import SimMIMStage
+    from scripts.plan_memory import compose_config
+    cfg = compose_config([f"model={model}", f"stage.micro_batch={MICRO_BATCH}",
+                          f"stage.global_batch={MICRO_BATCH * ctx.world_size}", *ENGINES[name]])
+    cfg.model.drop_path_rate = 0.0
+    stage = SimMIMStage(cfg, ctx)
+    torch.manual_seed(0)
+    engine = DDPEngine(cfg, stage) if name == "ddp" else build_engine(cfg, ctx, stage, accum=1)
+    return stage, engine, cfg
+
+
+def worker(out: str, models: list[str], steps: int) -> None:
+    import faulthandler
+
+    import torch.distributed as dist
+
+    from pretrain import dist as pdist
+    faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)  # a hung collective fails with a traceback
+    pdist.setup_env()
+    ctx = pdist.init()
+    results = {}
+    for model in models:
+        runs = {name: build(name, model, ctx) for name in ENGINES}
+        side = runs["ddp"][2].model.img_size
+        gen = torch.Generator().manual_seed(ctx.rank)
+        batch = {"image": torch.randn(MICRO_BATCH, 3, side, side, generator=gen),
+                 "mask": (torch.rand(MICRO_BATCH, side // 4, side // 4, generator=gen) > 0.4).float()}
+        times = {name: [] for name in runs}
+        for i in range(steps + 1):  # the first step is warm-up (allocations, AdamW state)
+            for name, (stage, engine, _) in runs.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                loss, _ = stage.loss(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                elapsed = torch.tensor(time.perf_counter() - t0)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if i:
+                    times[name].append(elapsed.item())
+        results[model] = {name: statistics.median(t) for name, t in times.items()}
+        del runs
+    if ctx.is_main:
+        Path(out).write_text(json.dumps(results))
+    pdist.shutdown()
+
+
+def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), steps: int = 4) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "engines.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
+               "scripts.bench.bench_engines", "--worker", str(out), "--steps", str(steps), "--models", *models]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"engine bench failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        results = json.loads(out.read_text())
+    rows = []
+    for model, t in results.items():
+        for name, label in (("zero3", "ZeRO-3"), ("fsdp2", "FSDP2")):
+            rows.append(dict(
+                name=f"{model} SimMIM step, {label} vs DDP, 2 CPU ranks (s/step)", ours=t[name], baseline=t["ddp"],
+                ratio=t["ddp"] / t[name],
+                how=f"bf16, micro batch {MICRO_BATCH}/rank at 192px, median of {steps} steps, engines interleaved, "
+                    "1 thread/rank, slowest rank; DDP = torch DDP + bf16 autocast"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["swinv2_nano", "swinv2_tiny"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.models, args.steps)
+        return
+    for row in run(tuple(args.models), args.steps):
+        print(f"{row['name']}: ours {row['ours']:.3f}  baseline {row['baseline']:.3f}  ratio {row['ratio']:.2f}x  "
+              f"({row['how']})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
