@@ -1,6 +1,7 @@
 """scripts/convert_checkpoint.py on real DeepSpeed checkpoints written by 2 gloo ranks."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,19 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1",
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """A ZeRO-3 SwinV2 run and a ZeRO-2 SimMIM run, trained and saved by 2 gloo ranks."""
+    """ZeRO-3 SwinV2 (fp32 and bf16) and ZeRO-2 SimMIM runs, trained and saved by 2 gloo ranks."""
     out_dir = tmp_path_factory.mktemp("zero")
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-           str(HERE / "zero_checkpoint_job.py"), str(out_dir), "swinv2:3", "simmim:2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+           str(HERE / "zero_checkpoint_job.py"), str(out_dir), "swinv2:3", "simmim:2", "swinv2:3:bf16"]
+    # Own process group, so a timeout also ends the ranks, not just torchrun.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-6000:]
     return out_dir
 
 
@@ -79,6 +87,30 @@ def test_zero3_checkpoint_converts_to_a_plain_model_with_the_engine_outputs(zero
         untrained = SwinTransformerV2(num_classes=5, **TINY).eval()(ref["images"])
     torch.testing.assert_close(outputs, ref["outputs"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(untrained, ref["outputs"], atol=1e-4)  # the steps did move the weights
+    for name, weight in ref["weights"].items():
+        assert torch.equal(file["model"][name], weight), name
+
+
+@pytest.mark.dist
+def test_bf16_zero3_checkpoint_gives_the_fp32_master_weights(runs, tmp_path):
+    run = runs / "swinv2_zero3_bf16"
+    convert(run, tmp_path / "bf16.pt")
+    state_dict = torch.load(tmp_path / "bf16.pt", weights_only=True)["model"]
+    ref = torch.load(run / "outputs.pt", weights_only=True)
+    assert ref["weights"].keys() <= state_dict.keys()
+    for name, weight in ref["weights"].items():
+        assert weight.dtype == torch.bfloat16 and state_dict[name].dtype == torch.float32
+        assert torch.equal(state_dict[name].to(torch.bfloat16), weight), name
+    # Masters, not upcast bf16 copies: some carry bits bf16 cannot hold.
+    assert any(not torch.equal(state_dict[n], w.float()) for n, w in ref["weights"].items())
+
+    model = SwinTransformerV2(num_classes=5, **TINY).eval()
+    load_pretrained(model, {"model": state_dict})
+    for param in model.parameters():  # as DeepSpeed holds them: bf16 parameters, fp32 buffers
+        param.data = param.data.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(ref["images"])
+    torch.testing.assert_close(outputs, ref["outputs"])
 
 
 @pytest.mark.dist
