@@ -5,6 +5,7 @@ own config, key, ports and state; nothing outside that folder is touched. Jobs r
 """
 
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -110,8 +111,8 @@ class LocalSlurm:
         _wait(self._nodes_idle, 30, f"nodes {NODES} idle ({self.root}/log)")
 
     def _spawn(self, *args: str) -> None:
-        log = open(self.root / "log" / f"{args[0]}-{len(self._daemons)}.stdout", "w")
-        self._daemons.append(subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        with open(self.root / "log" / f"{args[0]}-{len(self._daemons)}.stdout", "w") as log:
+            self._daemons.append(subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
     def _nodes_idle(self) -> bool:
         try:
@@ -121,15 +122,15 @@ class LocalSlurm:
         return sorted(s for s in states if s.endswith(" idle")) == [f"{n} idle" for n in NODES]
 
     def stop(self) -> None:
-        # Jobs outlive `scontrol shutdown` (their slurmstepd keep running): cancel them first.
+        # Jobs outlive the daemons (their slurmstepd keep running): cancel them first.
         try:
             self.cmd("scancel", f"--user={_user()}")
             _wait(lambda: not self.cmd("squeue", "--noheader"), 30, "cancelled jobs to end")
             self.cmd("scontrol", "shutdown")
-        except RuntimeError:
-            pass  # slurmctld is down already; the daemons are stopped below
+        except RuntimeError as err:
+            print(f"local SLURM teardown: {err}")
         for proc in reversed(self._daemons):  # slurmd and slurmctld first, munged last
-            if proc.args[0] == "munged":
+            if proc.poll() is None:
                 proc.terminate()
             try:
                 proc.wait(timeout=15)
@@ -139,7 +140,6 @@ class LocalSlurm:
 
 
 def _user() -> str:
-    import pwd
     return pwd.getpwuid(os.getuid()).pw_name
 
 
