@@ -17,12 +17,6 @@ class SwinTransformerV2ForSimMIM(SwinTransformerV2):
         if not self.mask_token.is_meta:
             self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self):
-        super().init_weights()
-        if hasattr(self, "mask_token"):
-            nn.init.trunc_normal_(self.mask_token, std=0.02)
-
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """image (B, 3, H, W), mask (B, H/p, W/p) with 1 = masked -> features (B, C_last, H/32, W/32)."""
         x = self.patch_embed(image)  # (B, L, C)

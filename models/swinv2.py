@@ -106,6 +106,27 @@ def _attend_chunk(q, k, v, rel_bias, regions, start: int, impl: str) -> torch.Te
     return attend(q, k, v, bias, impl)
 
 
+@torch.no_grad()
+def init_module(m: nn.Module) -> None:
+    """The official initialisation of one module's own parameters (not its children's): Linear
+    trunc_normal(std .02) and bias 0, LayerNorm 1 / 0 but res-post norms 0 / 0, the patch conv PyTorch's
+    default, logit_scale log(10), q/v bias 0, a mask token trunc_normal(std .02). Module by module, so that
+    an engine can initialise a sharded model one gathered module at a time."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        (nn.init.zeros_ if getattr(m, "res_post_norm", False) else nn.init.ones_)(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        m.reset_parameters()
+    elif isinstance(m, WindowAttention):
+        m.init_weights()
+    if isinstance(getattr(m, "mask_token", None), nn.Parameter):
+        nn.init.trunc_normal_(m.mask_token, std=0.02)
+
+
 class WindowAttention(nn.Module):
     """Scaled cosine window attention with a log-spaced continuous position bias (CPB)."""
 
@@ -225,6 +246,7 @@ class SwinTransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm2 = nn.LayerNorm(dim)
+        self.norm1.res_post_norm = self.norm2.res_post_norm = True  # zero-initialised: blocks start as identity
         self.norm3 = nn.LayerNorm(dim) if extra_norm else None
         N, nW, L = window_size * window_size, (resolution // window_size) ** 2, resolution * resolution
         self.register_buffer("attn_regions", torch.empty(nW, N) if self.shift_size else None, persistent=False)
@@ -238,11 +260,6 @@ class SwinTransformerBlock(nn.Module):
         order = window_token_order(R, self.window_size, self.shift_size)
         self.token_order.copy_(order)
         self.token_inverse.copy_(torch.argsort(order))
-
-    def init_respostnorm(self):
-        for norm in (self.norm1, self.norm2):
-            nn.init.zeros_(norm.weight)
-            nn.init.zeros_(norm.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C)
         x = x + self.drop_path(self.norm1(self._window_attention(x)))
@@ -357,23 +374,11 @@ class SwinTransformerV2(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Official init: Linear trunc_normal(0.02) / bias 0, LayerNorm 1 / 0, the patch conv PyTorch's default,
-        then the res-post norms of every block zeroed; and the buffers rebuilt. Same RNG draws in the same
-        order whether the model was built normally or on the meta device and materialised with to_empty()."""
+        """Official init (see `init_module`) of every module in order, then the buffers. Same RNG draws in the
+        same order whether the model was built normally or on the meta device and materialised with
+        to_empty()."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                m.reset_parameters()
-            elif isinstance(m, WindowAttention):
-                m.init_weights()
-        for blk in self.blocks():
-            blk.init_respostnorm()
+            init_module(m)
         self.init_buffers()
 
     @torch.no_grad()

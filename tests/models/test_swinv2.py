@@ -240,6 +240,24 @@ def test_meta_build_materialised_equals_normal_build():
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_module_by_module_init_equals_init_weights():
+    """What an engine does under ZeRO-3: initialise each module's own parameters in turn."""
+    from models.simmim import SimMIM
+    from models.swinv2 import init_module
+    torch.manual_seed(7)
+    normal = SimMIM(**MICRO)
+    with torch.device("meta"):
+        meta = SimMIM(**MICRO)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(7)
+    for m in meta.modules():
+        init_module(m)
+    meta.encoder.init_buffers()
+    for (name, a), b in zip(normal.state_dict().items(), meta.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert meta.encoder.mask_token.abs().sum() > 0
+
+
 def test_giant_builds_on_meta_instantly():
     import time
     t0 = time.perf_counter()
