@@ -47,7 +47,7 @@ def test_supervised_stage():
     assert (st.epochs, st.optim.warmup_steps, st.optim.layer_decay) == (30, 20_000, 0.87)
     assert cfg.model.drop_path_rate == 0.3
     assert st.init_from == "auto"
-    assert st.randaug_ops > 0 and st.reprob > 0  # RandAugment and random erasing on
+    assert st.rand_augment == "rand-m9-mstd0.5-inc1" and st.reprob == 0.25  # RandAugment, random erasing
     assert config.total_steps(cfg) == 227_865  # ceil(30 x 70M / 9216)
     schedule = WarmupCosine(st.optim.lr, st.optim.warmup_steps, config.total_steps(cfg), st.optim.min_lr,
                             st.optim.warmup_lr)
