@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 
 from pretrain.config import Config
 
+CONFIG_FILE = "config.yaml"
+
 
 def run_dir(cfg: Config, stage: str | None = None) -> Path:
     return Path(cfg.run_root) / cfg.experiment_name / (stage or cfg.stage.name)
@@ -26,6 +28,6 @@ def checkpoint_dir(run: Path) -> Path:
 
 def save_config(cfg: Config, run: Path) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    tmp = run / "config.yaml.tmp"
+    tmp = run / f"{CONFIG_FILE}.tmp"
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(run / "config.yaml")
+    tmp.replace(run / CONFIG_FILE)

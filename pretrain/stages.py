@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from data.shards import ShardLoader, build_loader
@@ -131,24 +132,26 @@ class SupervisedStage(Stage):
         return swinv2_forward_flops(dataclasses.asdict(self.cfg.model), self.cfg.data.num_classes)
 
     def _resolve_init_from(self) -> Path | None:
+        """The run directory to start from; None to train from scratch or when resuming this run."""
         init_from = self.cfg.stage.init_from
-        if init_from == "none":
+        if init_from == "none" or (rundir.checkpoint_dir(rundir.run_dir(self.cfg)) / LATEST).exists():
             return None
         run = rundir.run_dir(self.cfg, "simmim") if init_from == "auto" else Path(init_from)
-        directory = rundir.checkpoint_dir(run)
-        if not (directory / LATEST).exists():
-            raise ConfigError(f"stage.init_from={init_from}: no finished checkpoint in {directory} "
+        if not (rundir.checkpoint_dir(run) / LATEST).exists() or not (run / rundir.CONFIG_FILE).exists():
+            raise ConfigError(f"stage.init_from={init_from}: no finished run in {run} "
                               "(run +stage=simmim first, or set stage.init_from=none)")
-        return directory
+        return run
 
     def initial_weights(self) -> Callable[[nn.Module], None] | None:
         if self.init_dir is None:
             return None
-        directory = self.init_dir
+        run = self.init_dir
 
         def load(model: nn.Module) -> None:
+            directory = rundir.checkpoint_dir(run)
             tag = (directory / LATEST).read_text().strip()
-            full = engine_class(self.cfg.engine.name).read_weights(directory, tag)
+            saved_by = OmegaConf.load(run / rundir.CONFIG_FILE).engine.name  # its format, not ours
+            full = engine_class(saved_by).read_weights(directory, tag)
             encoder = encoder_state_dict(full) if any(k.startswith("encoder.") for k in full) else full
             result = load_pretrained(model, encoder)
             dropped = sorted({k.split(".")[0] for k in full if not k.startswith("encoder.")} |
