@@ -84,3 +84,16 @@ def test_launcher_without_stage_lists_the_stages(tmp_path):
     assert proc.returncode != 0
     assert "+stage=NAME" in proc.stderr and "simmim" in proc.stderr and "supervised" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no run dir
+
+
+def test_deepspeed_json_is_generated_from_the_engine_config_with_expert_keys_last():
+    from pretrain.engine.deepspeed import deepspeed_json
+
+    engine = DeepSpeedConfig(zero_stage=2, precision="fp32", offload_optimizer=True,
+                             config={"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 7})
+    ds = deepspeed_json(engine, micro_batch=4, accum=3, world_size=2, clip_grad=100.0)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (24, 4, 3)
+    assert ds["gradient_clipping"] == 100.0 and ds["bf16"] == {"enabled": False}
+    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                       "reduce_bucket_size": 1000}
+    assert ds["steps_per_print"] == 7
