@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("runs", nargs="+", help="MODEL:ZERO_STAGE[:bf16], MODEL in swinv2 | simmim")
     args = parser.parse_args()
+    # As pretrain.engine.deepspeed: no JIT build of DeepSpeed's CPU shared-memory kernel (slow, and under a
+    # lock every other DeepSpeed process waits on); gloo does the collectives.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
     for spec in args.runs:
         kind, stage, *bf16 = spec.split(":")
