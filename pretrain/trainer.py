@@ -38,7 +38,8 @@ def lr_schedule(cfg: Config, total: int) -> WarmupCosine:
 
 def train_step(stage: Stage, engine: Engine, loader, accum: int) -> tuple[torch.Tensor, dict, float]:
     """One optimizer step over `accum` micro batches: (mean loss, mean extras, seconds waiting for data)."""
-    loss_sum, extras_sum, data_wait_s = torch.zeros(()), {}, 0.0
+    # sums stay on the device: reading them every micro batch would stall a GPU
+    loss_sum, extras_sum, data_wait_s = torch.zeros((), device=engine.device), {}, 0.0
     for _ in range(accum):
         t = time.perf_counter()
         batch = next_batch(loader)
@@ -46,9 +47,9 @@ def train_step(stage: Stage, engine: Engine, loader, accum: int) -> tuple[torch.
         loss, extras = stage.loss(engine, batch)
         engine.backward(loss)
         engine.step()
-        loss_sum += loss.detach().float().cpu()
+        loss_sum += loss.detach().float()
         for k, v in extras.items():
-            extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float().cpu()
+            extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float()
     return loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s
 
 
@@ -99,12 +100,12 @@ def train(cfg: Config) -> None:
         meter.update(loss=loss, batch_size=cfg.stage.micro_batch * accum, step_s=time.perf_counter() - t,
                      data_wait_s=data_wait_s, grad_norm=engine.grad_norm(),
                      lrs={g["family"]: g["lr"] for g in engine.param_groups}, extras=extras)
-        img_per_s = None
+        shown = {}  # the progress line keeps the last logged values between log steps
         if step % cfg.logger.every == 0 or step == total:
             metrics = meter.summary(loader.stats())  # collective: every rank
             logger.log(step, metrics)
-            img_per_s = metrics["perf/img_per_s"]
-        progress.update(step, loss=loss.item(), img_per_s=img_per_s)
+            shown = {"loss": metrics["train/loss"], "img_per_s": metrics["perf/img_per_s"]}
+        progress.update(step, **shown)
         if ctx.is_main and cfg.logger.image_every and step % cfg.logger.image_every == 0:
             logger.log_images(step, stage.images())
         if stage.eval_due(step, total):
