@@ -227,9 +227,9 @@ def validate(cfg: Config, world_size: int) -> None:
     _one_of(m.attn_impl, {"sdpa", "plain"}, "model.attn_impl")
     _check(m.img_size % (m.patch_size * 2 ** (len(m.depths) - 1)) == 0, "model.img_size",
            "must be divisible by patch_size x 2^(stages-1)")
+    _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
     if isinstance(cfg.engine, DeepSpeedConfig):
         _one_of(cfg.engine.zero_stage, {1, 2, 3}, "engine.zero_stage")
-        _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
     if isinstance(cfg.engine, FSDPConfig):
         _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
     _one_of(cfg.logger.kind, {"wandb", "none"}, "logger.kind")
