@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
 from data.demo import write_demo_shards
 from models import SimMIM
+from pretrain.config import CONF_DIR, ConfigError, finalize, register_configs
+from pretrain.engine import engine_class
 from pretrain.engine.deepspeed import DeepSpeedEngine
 from pretrain.engine.fsdp import FSDPEngine
 
@@ -23,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 import convert_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.dist
+register_configs()
 TINY = ("model.img_size=32", "model.window_size=4", "stage.mask_patch_size=8", "stage.norm_target_patch=7")
 
 
@@ -33,6 +38,24 @@ def shards(tmp_path_factory) -> Path:
     write_demo_shards(str(out), num_classes=4, train_samples=64, val_samples=8, samples_per_shard=8, image_size=40,
                       seed=0)
     return out
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["+stage=simmim", *overrides])
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_one_override_selects_the_engine_and_its_keys_are_checked(engine):
+    cfg = finalize(compose_cfg(f"engine={engine}", "engine.precision=fp32"), world_size=2)
+    assert engine_class(cfg.engine.name).__name__ == {"fsdp": "FSDPEngine", "deepspeed": "DeepSpeedEngine"}[engine]
+    with pytest.raises(ConfigError, match="engine.precision: got 'fp16'"):
+        finalize(compose_cfg(f"engine={engine}", "engine.precision=fp16"), world_size=2)
+
+
+def test_fsdp_refuses_deepspeed_keys():
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("engine=fsdp", "engine.zero_stage=3")
 
 
 def launch(shards: Path, run_root: Path, *overrides: str) -> tuple[Path, str]:
@@ -61,6 +84,7 @@ def fp32_runs(shards, tmp_path_factory):
             for engine in ("deepspeed", "fsdp")}
 
 
+@pytest.mark.dist
 def test_fsdp_and_zero3_give_the_same_fp32_loss_curve(fp32_runs):
     ds, fsdp = fp32_runs["deepspeed"], fp32_runs["fsdp"]
     losses = metric(ds, "train/loss"), metric(fsdp, "train/loss")
@@ -79,6 +103,7 @@ def test_fsdp_and_zero3_give_the_same_fp32_loss_curve(fp32_runs):
         torch.testing.assert_close(fsdp_weights[k], v, atol=1e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.dist
 def test_fsdp_checkpoint_is_sharded_dcp_and_exports_to_the_official_layout(fp32_runs, tmp_path):
     ckpts = fp32_runs["fsdp"] / "checkpoints"
     tag_dir = ckpts / "step_00000004"
@@ -102,6 +127,7 @@ def test_fsdp_checkpoint_is_sharded_dcp_and_exports_to_the_official_layout(fp32_
     assert not any(k.startswith(("encoder.", "decoder.")) for k in torch.load(encoder, weights_only=True)["model"])
 
 
+@pytest.mark.dist
 def test_fsdp_bf16_with_activation_checkpointing_trains_and_resumes(shards, tmp_path):
     args = ("engine=fsdp", "model.grad_checkpointing=torch", "checkpoint.every_steps=2")
     run, out = launch(shards, tmp_path, *args, "stage.steps=2")
