@@ -12,6 +12,10 @@ normal build under the run's seed, with the stage's starting weights loaded). So
 DeepSpeed engine's bit for bit, whatever the world size; the price is one full copy in rank 0's host memory
 (10.7 GB for SwinV2-G), never on an accelerator.
 
+Optimisation is the DeepSpeed engine's: torch.optim.AdamW over fp32 master shards (DeepSpeed is handed the
+same torch AdamW, not its own CPU Adam), the loss scaled by 1/accumulation, gradients averaged over ranks and
+clipped by the global norm at the accumulation boundary; so in fp32 both engines give the same loss curve.
+
 Checkpoints: torch.distributed.checkpoint (DCP), one `{"model", "optim"}` state in directory/tag/, written as
 one file per rank plus `.metadata`; the names are the model's own (official layout) FQNs, so DCP reshards
 to any world size on load, and `read_weights` merges the model part without a process group.

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
