@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--resume-step", type=int)
     parser.add_argument("--save-at", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--set", action="append", default=[], help="extra config override, e.g. engine.zero_stage=2")
     args = parser.parse_args()
 
     dist.setup_env()
@@ -68,7 +69,7 @@ def main() -> None:
         raw = compose("config", overrides=["+stage=supervised", f"engine={args.engine}", "engine.precision=fp32",
                                            "stage.init_from=none", f"stage.global_batch={GLOBAL_BATCH}",
                                            f"stage.micro_batch={MICRO}", "stage.optim.warmup_steps=0",
-                                           "stage.optim.clip_grad=0.05"])  # small: clipping is part of the step
+                                           "stage.optim.clip_grad=0.05", *args.set])  # small: clipping is part of the step
     cfg = finalize(raw, ctx.world_size)
     accum = grad_accum_steps(cfg, ctx.world_size)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
