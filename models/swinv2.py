@@ -102,7 +102,7 @@ def _attend_chunk(q, k, v, rel_bias, regions, start: int, impl: str) -> torch.Te
     bias = rel_bias.unsqueeze(0)
     if regions is not None:
         rows = torch.arange(start, start + q.shape[0], device=regions.device) % regions.shape[0]
-        bias = bias + region_mask(regions.index_select(0, rows)).unsqueeze(1)  # (c, nH, N, N)
+        bias = bias + region_mask(regions.index_select(0, rows)).to(bias.dtype).unsqueeze(1)  # (c, nH, N, N)
     return attend(q, k, v, bias, impl)
 
 
@@ -184,7 +184,7 @@ class WindowAttention(nn.Module):
             # and 4-D so that SDPA can pick a fused kernel
             nW = regions.shape[0]
             q, k, v = (t.reshape(B_ // nW, nW * self.num_heads, N, -1) for t in (q, k, v))
-            bias = (rel_bias + region_mask(regions).unsqueeze(1)).view(1, nW * self.num_heads, N, N)
+            bias = (rel_bias + region_mask(regions).to(rel_bias.dtype).unsqueeze(1)).view(1, nW * self.num_heads, N, N)
             out = attend(q, k, v, bias, self.attn_impl).reshape(B_, self.num_heads, N, -1)
         return self.proj(out.transpose(1, 2).reshape(B_, N, C))
 
