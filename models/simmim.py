@@ -89,7 +89,8 @@ class SimMIM(nn.Module):
         p = self.encoder.patch_size
         expected = (image.shape[0], image.shape[2] // p, image.shape[3] // p)
         if tuple(mask.shape) != expected:
-            raise ValueError(f"mask must have shape {expected} for images {tuple(image.shape)}, got {tuple(mask.shape)}")
+            raise ValueError(f"mask must have shape {expected} for images {tuple(image.shape)}, "
+                             f"got {tuple(mask.shape)}")
         reconstruction = self.decoder(self.encoder(image, mask)).float()
         target = image.float()
         if self.norm_target:

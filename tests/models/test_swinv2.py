@@ -302,3 +302,16 @@ def test_analytic_flops_match_flop_counter(name):
         with FlopCounterMode(display=False) as counter:
             big(torch.randn(1, 3, 256, 256))
     assert abs(swinv2_forward_flops(cfg, 10, img_size=256) / counter.get_total_flops() - 1) < 0.02
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "plain"])
+@pytest.mark.parametrize("sequential", [False, True])
+def test_bf16_model_runs_shifted_blocks(attn_impl, sequential):
+    """A model cast to bf16 (as ZeRO-3 bf16 holds it): the shift mask must follow the bias dtype."""
+    torch.manual_seed(0)
+    model = _micro(attn_impl=attn_impl, sequential_attn=[sequential] * 4)
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    out = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.1)
