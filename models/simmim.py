@@ -29,9 +29,8 @@ class SwinTransformerV2ForSimMIM(SwinTransformerV2):
 
 def _box_mean(x: torch.Tensor, patch: int) -> torch.Tensor:
     """Mean over each pixel's patch x patch neighbourhood with zero padding (avg_pool2d with
-    count_include_pad=True), from cumulative sums in float64: O(1) per pixel instead of O(patch^2)."""
+    count_include_pad=True), from cumulative sums: O(1) per pixel instead of O(patch^2)."""
     pad = patch // 2
-    x = x.double()
     c = F.pad(x, (pad + 1, pad)).cumsum(-1)
     x = c[..., patch:] - c[..., :-patch]
     c = F.pad(x, (0, 0, pad + 1, pad)).cumsum(-2)
@@ -43,12 +42,14 @@ def norm_targets(x: torch.Tensor, patch: int) -> torch.Tensor:
     channel (the official SimMIM target for SwinV2)."""
     if patch % 2 != 1:
         raise ValueError(f"norm_target_patch must be odd, got {patch}")
+    # centred per image and channel, the float32 running sums stay small and exact enough
+    x = x.float() - x.float().mean(dim=(-2, -1), keepdim=True)
     valid = _box_mean(torch.ones_like(x[:1, :1]), patch)  # fraction of the window inside the image
     mean = _box_mean(x, patch) / valid
     mean_sq = _box_mean(x * x, patch) / valid
     count = valid * patch * patch
     var = ((mean_sq - mean * mean) * (count / (count - 1))).clamp(min=0.0)
-    return ((x - mean) / (var + 1e-6).sqrt()).to(x.dtype)
+    return (x - mean) / (var + 1e-6).sqrt()
 
 
 class SimMIM(nn.Module):
