@@ -3,13 +3,15 @@
     .venv/bin/python scripts/plan_memory.py [--world-size 64] [--gpu-mem-gb 40] [Hydra overrides ...]
     .venv/bin/python scripts/plan_memory.py --world-size 64 --gpu-mem-gb 40 model=swinv2_giant +stage=simmim
     .venv/bin/python scripts/plan_memory.py --world-size 64 --gpu-mem-gb 80 model=swinv2_giant \
-        model.img_size=1536 model.window_size=32 'model.sequential_attn=[true,true,false,false]'
+        model.img_size=1536 model.window_size=24 stage.mask_patch_size=32 \
+        'model.sequential_attn=[true,true,false,false]'
+(1536/w32 does not build: stage 4's 48x48 map is not divisible by 32.)
 
 The overrides compose the project's conf/ tree exactly as launch/pretrain.py does (`+stage=simmim` when no
 stage is given). What is counted, per rank:
 - parameters, gradients, optimizer state: from the real model built on the meta device (so per tensor,
   nothing guessed), partitioned by the engine's rules (below);
-- buffers: the model's registered buffers (shift masks, position indices), never sharded;
+- buffers: the model's registered buffers (position tables and indices, shift regions), never sharded;
 - activations: the bytes of the distinct storages autograd saves for backward in one forward of the real
   model on the meta device (saved_tensors_hooks; parameters excluded: the engine owns them), plus the
   largest recompute of one checkpointed region (a block under activation checkpointing, one window chunk
@@ -174,8 +176,8 @@ def attention_kernel_on_meta(kernel: str):
     the (.., N, N) probabilities. On a GPU a 4-D call with an additive bias (even one that needs a gradient,
     like the CPB bias) runs the memory-efficient kernel, which saves q, k, v, the bias, the output and the
     log-sum-exp only; CPU torch takes the math path whenever the bias needs a gradient. kernel="efficient"
-    dispatches as CUDA does: 4-D inputs to the efficient kernel's meta function, anything else (the 5-D
-    broadcast call of shifted windows) to the math path; kernel="math" leaves the math path everywhere."""
+    dispatches as CUDA does: 4-D inputs to the efficient kernel's meta function, anything else to the math
+    path; kernel="math" leaves the math path everywhere."""
     if kernel not in ATTN_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTN_KERNELS}, got {kernel!r}")
     original = F.scaled_dot_product_attention
@@ -326,10 +328,9 @@ def _param_groups(cfg: Config, model: nn.Module) -> list[list[nn.Parameter]]:
 
 # --------------------------------------------------------------------------------------------- the plan
 
-def plan_memory(cfg: Config, world: int, activations: Activations | None = None) -> Plan:
-    model = build_meta_model(cfg)
-    plan = state_plan(cfg, model, world)
-    acts = activations or measure_activations(cfg)
+def plan_memory(cfg: Config, world: int, acts: Activations) -> Plan:
+    plan = state_plan(cfg, build_meta_model(cfg), world)
+    plan.config = describe(cfg)
     plan.activations = acts.at(cfg.stage.micro_batch)
     if cfg.model.grad_checkpointing == "fairscale_offload":
         plan.notes.append("fairscale_offload keeps checkpointed inputs on the host: GPU activations are lower")
@@ -380,7 +381,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose_config(args.overrides)
     acts = measure_activations(cfg, args.attn_kernel)
     plan = plan_memory(cfg, args.world_size, acts)
-    plan.config = describe(cfg)
     budget = None
     if args.gpu_mem_gb:
         budget = max_micro_batch(plan, acts, (args.gpu_mem_gb - args.reserve_gb) * GB)
