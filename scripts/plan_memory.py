@@ -150,7 +150,8 @@ def metered_checkpoint(stack: list[SavedTensorMeter]):
         for a in args:
             if isinstance(a, torch.Tensor):
                 outer.pack(a)
-        inner = SavedTensorMeter(outer.exclude)
+        # storages the outer graph already holds (the region's inputs and what they view) cost nothing new
+        inner = SavedTensorMeter(outer.exclude | outer.storages.keys())
         stack.append(inner)
         try:
             with torch.autograd.graph.saved_tensors_hooks(inner.pack, lambda t: t), torch.enable_grad():
