@@ -79,6 +79,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

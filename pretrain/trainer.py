@@ -17,7 +17,7 @@ from pretrain.loggers import RunLogger
 from pretrain.metrics import TrainMeter, peak_flops_per_s
 from pretrain.preemption import PreemptionWatcher
 from pretrain.progress import Progress
-from pretrain.schedule import WarmupCosine, scale_lr
+from pretrain.schedule import WarmupCosine, scale_lr, set_lr
 from pretrain.stages import Stage, build_stage, next_batch
 
 log = logging.getLogger(__name__)
@@ -36,24 +36,31 @@ def lr_schedule(cfg: Config, total: int) -> WarmupCosine:
                         warmup_lr=scale_lr(o.warmup_lr, batch, o.reference_batch))
 
 
-def train_step(stage: Stage, engine: Engine, loader, accum: int) -> tuple[torch.Tensor, dict, float]:
-    """One optimizer step over `accum` micro batches: (mean loss, mean extras, seconds waiting for data)."""
+def train_step(stage: Stage, engine: Engine, loader, accum: int) -> tuple[torch.Tensor, dict, float, bool]:
+    """One optimizer step over `accum` micro batches: (mean loss, mean extras, seconds waiting for data,
+    whether it updated the weights: False when some rank's loss was not finite)."""
     # sums stay on the device: reading them every micro batch would stall a GPU
     loss_sum, extras_sum, data_wait_s = torch.zeros((), device=engine.device), {}, 0.0
+    finite = torch.ones((), device=engine.device)
     for _ in range(accum):
         t = time.perf_counter()
         batch = next_batch(loader)
         data_wait_s += time.perf_counter() - t
         loss, extras = stage.loss(engine, batch)
-        engine.backward(loss)
+        # Every rank must know before its backward whether any rank's loss is bad: one tiny collective per
+        # micro batch, left on the device (no host sync) until the step's end.
+        finite = finite * dist.all_reduce_min(torch.isfinite(loss.detach()).float())
+        engine.backward(loss, finite)
         engine.step()
         loss_sum += loss.detach().float()
         for k, v in extras.items():
             extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float()
-    return loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s
+    return loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s, bool(finite)
 
 
 def train(cfg: Config) -> None:
+    # First: a SLURM warning that arrives while the model, loaders and checkpoint load is not lost.
+    watcher = PreemptionWatcher()
     ctx = dist.init()
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -81,25 +88,25 @@ def train(cfg: Config) -> None:
         client = checkpointer.load(engine, tag)
         loader.load_state_dict(client["loader"])
         step = client["step"]
+        meter.nan_skips = client.get("nan_skips", 0)  # checkpoints before the NaN skip lack it
         log.info("resumed from %s at step %d", checkpointer.dir / tag, step)
     if ctx.is_main:
         rundir.save_config(cfg, run)
     log.info("%s: %d steps, global batch %d (micro %d x accumulation %d x world %d), run dir %s",
              cfg.stage.name, total, cfg.stage.global_batch, cfg.stage.micro_batch, accum, ctx.world_size, run)
     progress = Progress(total, rank=ctx.rank, start_step=step, desc=cfg.stage.name)
-    watcher = PreemptionWatcher()
     schedule = lr_schedule(cfg, total)
 
     while step < total:
         t = time.perf_counter()
-        lr = schedule(step)
-        for group in engine.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        loss, extras, data_wait_s = train_step(stage, engine, loader, accum)
-        step += 1
+        set_lr(engine.param_groups, schedule(step))
+        loss, extras, data_wait_s, updated = train_step(stage, engine, loader, accum)
+        step += 1  # a skipped step still counts: the lr schedule moves on, as in large-scale practice
+        if not updated:
+            log.warning("step %d: non-finite loss on some rank; the update was skipped on every rank", step)
         meter.update(loss=loss, batch_size=cfg.stage.micro_batch * accum, step_s=time.perf_counter() - t,
                      data_wait_s=data_wait_s, grad_norm=engine.grad_norm(),
-                     lrs={g["family"]: g["lr"] for g in engine.param_groups}, extras=extras)
+                     lrs={g["family"]: g["lr"] for g in engine.param_groups}, extras=extras, nan_skip=not updated)
         shown = {}  # the progress line keeps the last logged values between log steps
         if step % cfg.logger.every == 0 or step == total:
             metrics = meter.summary(loader.stats())  # collective: every rank
@@ -114,7 +121,8 @@ def train(cfg: Config) -> None:
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         stop = watcher.should_stop()
         if stop or step % cfg.checkpoint.every_steps == 0 or step == total:
-            checkpointer.save(engine, step, {"loader": loader.state_dict(), "config": OmegaConf.to_yaml(cfg_dict)})
+            checkpointer.save(engine, step, {"loader": loader.state_dict(), "nan_skips": meter.nan_skips,
+                                             "config": OmegaConf.to_yaml(cfg_dict)})
         if stop:
             log.info("stopping at step %d on %s; relaunch to resume", step, watcher.signal_name or "a peer's signal")
             break

@@ -16,9 +16,13 @@ InitFn = Callable[[nn.Module], None]
 class Engine(ABC):
     """Wraps model + optimizer. Built by `build_engine`; every method is called on every rank.
 
-    Step protocol, per micro batch: `loss = stage(engine.forward, batch)`, `engine.backward(loss)`,
+    Step protocol, per micro batch: `loss = stage(engine.forward, batch)`, `engine.backward(loss, finite)`,
     `engine.step()`. The engine scales for gradient accumulation and only updates the weights (with
     clipping) at the accumulation boundary, where `step()` returns True.
+
+    NaN/Inf skip: `finite` is a 0-dim tensor on `device`, the same on every rank: 1 while every rank's loss
+    in the current optimizer step has been finite, 0 from the first micro batch where one was not. An
+    optimizer step that saw a 0 leaves the weights and optimizer state as they were and drops its gradients.
     """
 
     device: torch.device
@@ -45,7 +49,7 @@ class Engine(ABC):
     def _forward(self, *args: torch.Tensor) -> Any: ...
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, finite: torch.Tensor) -> None: ...
 
     @abstractmethod
     def step(self) -> bool:
@@ -53,7 +57,7 @@ class Engine(ABC):
 
     @abstractmethod
     def grad_norm(self) -> float | None:
-        """Global gradient norm before clipping, of the last update."""
+        """Global gradient norm before clipping, of the last update (None or inf after a skipped one)."""
 
     @abstractmethod
     def save(self, directory: Path, tag: str) -> None:

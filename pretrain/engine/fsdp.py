@@ -108,14 +108,19 @@ class FSDPEngine(Engine):
     def _forward(self, *args: torch.Tensor) -> Any:
         return self.model(*args)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
         # Same semantics as DeepSpeed: the mean over micro batches, averaged over ranks by the reduce-scatter.
         (loss / self.accum).backward()
+        self._finite = finite
 
     def step(self) -> bool:
         self.micro_steps += 1
         if self.micro_steps % self.accum:
             return False
+        if not self._finite.item():  # every rank reads the same agreed flag
+            self._grad_norm = None
+            self.optimizer.zero_grad(set_to_none=True)
+            return True
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(norm, DTensor):
