@@ -21,8 +21,8 @@ class Engine(ABC):
     clipping) at the accumulation boundary, where `step()` returns True.
 
     NaN/Inf skip: `finite` is a 0-dim tensor on `device`, the same on every rank: 1 while every rank's loss
-    in the current optimizer step has been finite, 0 from the first micro batch where one was not. An
-    optimizer step that saw a 0 leaves the weights and optimizer state as they were and drops its gradients.
+    in the current optimizer step has been finite, 0 from the first micro batch where one was not (None: 1).
+    An optimizer step that saw a 0 leaves the weights and optimizer state as they were and drops its gradients.
     """
 
     device: torch.device
@@ -49,7 +49,7 @@ class Engine(ABC):
     def _forward(self, *args: torch.Tensor) -> Any: ...
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor, finite: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, finite: torch.Tensor | None = None) -> None: ...
 
     @abstractmethod
     def step(self) -> bool:

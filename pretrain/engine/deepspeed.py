@@ -95,12 +95,13 @@ class DeepSpeedEngine(Engine):
     def _forward(self, *args: torch.Tensor) -> Any:
         return self.ds(*args)
 
-    def backward(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, finite: torch.Tensor | None = None) -> None:
         # A step to skip gets NaN gradients on every rank: the ZeRO optimizers then find the global grad norm
         # invalid and drop the step themselves (ZeRO-3 in any precision; ZeRO-1/2 through bf16's default
         # check_grad_overflow, or in fp32), keeping DeepSpeed's own step counters right.
-        poison = torch.where(finite > 0, 1.0, float("nan")).to(loss.dtype)
-        self.ds.backward(loss * poison)  # scales by 1/accumulation itself
+        if finite is not None:
+            loss = loss * torch.where(finite > 0, 1.0, float("nan")).to(loss.dtype)
+        self.ds.backward(loss)  # scales by 1/accumulation itself
 
     def step(self) -> bool:
         boundary = self.ds.is_gradient_accumulation_boundary()

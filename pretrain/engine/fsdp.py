@@ -81,6 +81,7 @@ class FSDPEngine(Engine):
         self.dtype = DTYPES[ecfg.precision]
         self.accum, self.micro_steps, self.clip_grad = accum, 0, cfg.stage.optim.clip_grad
         self._grad_norm: float | None = None
+        self._finite: torch.Tensor | None = None
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         with torch.device("meta"):
@@ -108,7 +109,7 @@ class FSDPEngine(Engine):
     def _forward(self, *args: torch.Tensor) -> Any:
         return self.model(*args)
 
-    def backward(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, finite: torch.Tensor | None = None) -> None:
         # Same semantics as DeepSpeed: the mean over micro batches, averaged over ranks by the reduce-scatter.
         (loss / self.accum).backward()
         self._finite = finite
@@ -117,7 +118,7 @@ class FSDPEngine(Engine):
         self.micro_steps += 1
         if self.micro_steps % self.accum:
             return False
-        if not self._finite.item():  # every rank reads the same agreed flag
+        if self._finite is not None and not self._finite.item():  # the same agreed flag on every rank
             self._grad_norm = None
             self.optimizer.zero_grad(set_to_none=True)
             return True
