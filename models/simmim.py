@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.swinv2 import SwinTransformerV2
+from models.swinv2 import SwinTransformerV2, holds_values
 
 
 class SwinTransformerV2ForSimMIM(SwinTransformerV2):
@@ -14,7 +14,7 @@ class SwinTransformerV2ForSimMIM(SwinTransformerV2):
             super().__init__(**kwargs)
         self.mask_token = nn.Parameter(torch.empty(1, 1, self.patch_embed.proj.out_channels,
                                                    device=self.norm.weight.device))
-        if not self.mask_token.is_meta:
+        if holds_values(self.norm.weight):  # mask_token itself is not partitioned yet under zero.Init
             self.init_weights()
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ class SimMIM(nn.Module):
             self.decoder = nn.Sequential(
                 nn.Conv2d(self.encoder.num_features, encoder_stride ** 2 * 3, kernel_size=1),
                 nn.PixelShuffle(encoder_stride))
-        if not self.encoder.mask_token.is_meta:
+        if holds_values(self.encoder.mask_token):
             self.init_weights()
 
     @torch.no_grad()

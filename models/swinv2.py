@@ -127,6 +127,13 @@ def init_module(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.mask_token, std=0.02)
 
 
+def holds_values(p: nn.Parameter) -> bool:
+    """False for a parameter that is not materialised on this rank: on the meta device, or partitioned by
+    DeepSpeed's zero.Init (which marks its parameters with `ds_id`). A constructor then leaves initialisation
+    to whoever builds it that way (`init_module` per module, once the values exist or are gathered)."""
+    return not p.is_meta and not hasattr(p, "ds_id")
+
+
 class WindowAttention(nn.Module):
     """Scaled cosine window attention with a log-spaced continuous position bias (CPB)."""
 
@@ -358,7 +365,8 @@ class SwinTransformerV2(nn.Module):
         self.num_features = embed_dim * 2 ** (n - 1)
         drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         # The modules' default inits would draw from the RNG; init_weights() draws everything afterwards,
-        # so a normal build and a meta build + init_weights() get identical weights from the same seed.
+        # so a normal build and a meta (or ZeRO-3 partitioned) build + init_module() on each module in
+        # modules() order get identical weights from the same seed.
         with torch.random.fork_rng(devices=[]):
             self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
             self.layers = nn.ModuleList()
@@ -369,7 +377,7 @@ class SwinTransformerV2(nn.Module):
                     extra_norm_period, attn_impl, sequential_attn[i], attn_chunk_size, downsample=i < n - 1))
             self.norm = nn.LayerNorm(self.num_features)
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if not self.norm.weight.is_meta:
+        if holds_values(self.norm.weight):
             self.init_weights()
 
     @torch.no_grad()

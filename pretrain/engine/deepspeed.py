@@ -11,9 +11,10 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
+from models import SwinTransformerV2, init_module
 from pretrain.config import Config, DeepSpeedConfig
 from pretrain.dist import DistContext
-from pretrain.engine.base import Engine, ModelRecipe
+from pretrain.engine.base import Engine, InitFn, ModelRecipe
 from pretrain.engine import universal
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,59 @@ def deepspeed_json(engine: DeepSpeedConfig, *, micro_batch: int, accum: int, wor
     return _deep_merge(generated, engine.config)
 
 
+@torch.no_grad()
+def _init_in_fp32(module: nn.Module) -> None:
+    """init_module on fp32 copies of the module's own (gathered) parameters: low-precision parameters get
+    the plain build's fp32 draws rounded once, as deepspeed.initialize rounds a plain build's weights."""
+    params = [p for p in module.parameters(recurse=False) if p.dtype != torch.float32]
+    stored = [p.data for p in params]
+    for p in params:
+        p.data = p.data.float()
+    init_module(module)
+    for p, data in zip(params, stored):
+        p.data = data.copy_(p.data)
+
+
+def build_partitioned(recipe: ModelRecipe, ds_json: dict[str, Any]) -> nn.Module:
+    """ZeRO-3: build under zero.Init, which partitions each module's parameters over the ranks as soon as
+    that module is constructed, so the model is never whole on a rank (the constructors see partitioned
+    parameters and leave them uninitialised). Then initialise one gathered module at a time, in modules()
+    order, which is the plain build's RNG order: the weights are a plain build's from the same seed."""
+    # The parameters' dtype comes from the config's bf16 switch: an explicit dtype=torch.float32 would be
+    # ignored where the accelerator has no fp16 (DeepSpeed 0.19's Init._set_dtype), e.g. on CPU.
+    with deepspeed.zero.Init(config_dict_or_path=ds_json):
+        model = recipe.build_model()
+    for m in model.modules():
+        with deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)), modifier_rank=0):
+            _init_in_fp32(m)
+    with torch.no_grad():  # non-persistent, shape-derived buffers; zero.Init leaves them unpartitioned
+        for m in model.modules():
+            if isinstance(m, SwinTransformerV2):
+                m.init_buffers()
+    return model
+
+
+def load_partitioned(model: nn.Module, recipe: ModelRecipe, load_initial: InitFn, is_main: bool) -> None:
+    """The recipe's starting weights into a ZeRO-3 partitioned model. Rank 0 runs the recipe's loader on a
+    meta twin of the model (shapes only, so its checks all run) and keeps what the loader hands to
+    load_state_dict; each module's parameters are then gathered, filled on rank 0 and partitioned again
+    (the models have no persistent buffers). Only rank 0 reads the checkpoint."""
+    weights: dict[str, torch.Tensor] = {}
+    if is_main:
+        with torch.device("meta"):
+            twin = recipe.build_model()
+        twin.register_load_state_dict_pre_hook(lambda module, state_dict, prefix, *_: weights.update(state_dict))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+            load_initial(twin)
+    for prefix, m in model.named_modules():
+        own = dict(m.named_parameters(prefix=prefix, recurse=False))
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0), torch.no_grad():
+            for name, p in own.items():
+                if name in weights:
+                    p.data.copy_(weights[name])
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int):
         ecfg: DeepSpeedConfig = cfg.engine
@@ -64,18 +118,19 @@ class DeepSpeedEngine(Engine):
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed()  # adopts the process group pretrain.dist started
 
-        # Every rank builds the whole model and DeepSpeed partitions it at initialize. Building under
-        # deepspeed.zero.Init instead (never whole on a rank) needs a model whose init_weights() can run per
-        # module on gathered parameters; models.SwinTransformerV2 initialises the whole tree at the end of
-        # its constructor, which ZeRO-3 has partitioned by then.
-        model = recipe.build_model()
+        load_initial = recipe.initial_weights()
+        if self.zero3:
+            model = build_partitioned(recipe, self.json)
+            if load_initial is not None:
+                load_partitioned(model, recipe, load_initial, ctx.is_main)
+        else:  # ZeRO 1/2 keep whole weights on every rank anyway
+            model = recipe.build_model()
+            if load_initial is not None and ctx.is_main:
+                load_initial(model)  # deepspeed.initialize broadcasts rank 0's weights
         mode = cfg.model.grad_checkpointing
         if self.zero3 and mode == "torch":
             mode = "torch_reentrant"  # non-reentrant recompute sees ZeRO-3's released (empty) params
         model.set_grad_checkpointing(mode)
-        load_initial = recipe.initial_weights()
-        if load_initial is not None and ctx.is_main:
-            load_initial(model)  # deepspeed.initialize broadcasts rank 0's weights
 
         o = cfg.stage.optim
         optimizer = torch.optim.AdamW(recipe.param_groups(model), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
