@@ -124,6 +124,7 @@ class SupervisedStage(Stage):
         super().__init__(cfg, ctx)
         self.init_dir = self._resolve_init_from()
         self._val: ShardLoader | None = None
+        self._val_start: dict = {}
 
     def build_model(self) -> nn.Module:
         return SwinTransformerV2(num_classes=self.cfg.data.num_classes, **self.model_kwargs())
@@ -182,11 +183,16 @@ class SupervisedStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, engine: Engine) -> dict[str, float]:
-        """Top-1/top-5 over the val shards; every rank runs the same number of batches (ZeRO-3 needs it)."""
+        """Top-1/top-5 over the val shards; every rank runs the same number of batches (ZeRO-3 needs it).
+
+        Every evaluation reads the same samples: the val loader is rewound to its start, so with
+        `eval_batches` below an epoch the curve compares weights, not windows of the val stream."""
         d, st = self.cfg.data, self.cfg.stage
         if self._val is None:
             transform = EvalTransform(img_size=self.cfg.model.img_size, crop_pct=st.eval_crop_pct, **self.pixels())
             self._val = self._loader(d.val_urls, transform, samples=d.val_samples, resampled=False)
+            self._val_start = self._val.state_dict()
+        self._val.load_state_dict(self._val_start)
         batches = st.eval_batches or self._val.batches_per_epoch
         counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss sum, images
         engine.module.eval()

@@ -1,5 +1,6 @@
 """Real 2-rank gloo runs of launch/pretrain.py under DeepSpeed ZeRO-3: resume and the two-stage chain."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import torch
 
 from data.demo import write_demo_shards
 from models import encoder_state_dict
+from pretrain.engine import engine_class
 from pretrain.engine.deepspeed import DeepSpeedEngine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,3 +98,37 @@ def test_supervised_starts_from_the_simmim_encoder(shards, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "demo" / "supervised" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/top1" in r]
     assert len(evals) == 1 and evals[0]["eval/images"] == 4 and 0 <= evals[0]["eval/top1"] <= 100
+
+
+def metric_rows(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_a_non_finite_loss_skips_the_update_and_training_goes_on(shards, tmp_path, engine):
+    # A user's lr of 1e30: step 1 warms up (lr ~0), step 2's update throws the weights to ~1e30, and from
+    # step 3 the forward overflows. Those steps must leave the weights as they were, on both ranks.
+    out = launch(shards, tmp_path, "simmim", f"engine={engine}", "stage.steps=4", "stage.optim.lr=1e30",
+                 "checkpoint.every_steps=1", "checkpoint.keep_last=4", "stage.mask_patch_size=16")
+    assert "step 3: non-finite loss on some rank; the update was skipped on every rank" in out
+    run = tmp_path / "demo" / "simmim"
+    rows = metric_rows(run)
+    assert [rows[s]["train/nan_skips"] for s in (1, 2, 3, 4)] == [0, 0, 1, 2]
+    assert all(math.isfinite(rows[s]["train/loss"]) for s in (1, 2))
+    assert [rows[s]["train/loss"] for s in (3, 4)] == ["nan", "nan"]  # the JSONL spells non-finite values out
+
+    weights = {s: engine_class(engine).read_weights(run / "checkpoints", f"step_{s:08d}") for s in (2, 3, 4)}
+    assert max(w.abs().max().item() for w in weights[2].values()) > 1e20  # step 2 did update, and blew up
+    for s in (3, 4):
+        assert weights[s].keys() == weights[2].keys()
+        for name, value in weights[2].items():
+            assert torch.equal(weights[s][name], value), (s, name)
+
+
+def test_every_evaluation_reads_the_same_val_samples(shards, tmp_path):
+    # lr 0 keeps the weights fixed, so two evaluations of one val batch each must agree exactly.
+    launch(shards, tmp_path, "supervised", "stage.init_from=none", "stage.steps=2", "stage.eval_every=1",
+           "stage.eval_batches=1", "stage.optim.lr=0", "stage.optim.min_lr=0", "stage.optim.warmup_lr=0")
+    rows = metric_rows(tmp_path / "demo" / "supervised")
+    first, second = ({k: v for k, v in rows[s].items() if k.startswith("eval/")} for s in (1, 2))
+    assert first["eval/images"] == 4 and first == second
