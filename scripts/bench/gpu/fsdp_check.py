@@ -1,6 +1,6 @@
 """Manual GPU check of engine=fsdp (pytest does not collect it): one process, NCCL, bf16, 192px.
 
-    PYTHONPATH=.gpu_pylib python tests/pretrain/fsdp_gpu_check.py     (.gpu_pylib: hydra, omegaconf, antlr4)
+    PYTHONPATH=. python3 scripts/bench/gpu/fsdp_check.py      (needs hydra, omegaconf, antlr4: see run_all.sh)
 
 Times SimMIM training steps of swinv2_nano and swinv2_tiny under FSDP2 (bf16, without and with per-block
 activation checkpointing), then saves a DCP checkpoint of the nano run, loads it into a fresh engine and

@@ -1,7 +1,7 @@
 """Manual check on a GPU machine (no pytest: CI has no GPU): the peak table against a measured matmul, the
 analytic FLOPs against FlopCounterMode on CUDA, and TrainMeter's MFU for SwinV2-T bf16 training.
 
-    PYTHONPATH=. python tests/monitoring/gpu_check.py
+    PYTHONPATH=. python3 scripts/bench/gpu/mfu_check.py
 """
 import time, torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -5,7 +5,7 @@ activation bytes the planner predicts on the meta device (GPU attention kernel) 
 bytes after the forward, and its peak (saved + one recompute, plus parameter gradients) vs
 max_memory_allocated during backward. Then the SwinV2-G fwd+bwd MFU on this GPU, for the GPU-days estimate.
 
-    .venv/bin/python tests/scripts/gpu_check_plan_memory.py OUT_JSON
+    .venv/bin/python scripts/bench/gpu/plan_memory_check.py OUT_JSON
 """
 import dataclasses
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from models import simmim_forward_flops  # noqa: E402
 from pretrain.metrics import peak_flops_per_s  # noqa: E402
 from pretrain.stages import SimMIMStage  # noqa: E402

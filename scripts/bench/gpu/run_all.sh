@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU rows of docs/PERFORMANCE.md, on a one-GPU machine that has torch + timm but not the rest of the
+# stack: pure-Python wheels of hydra-core, omegaconf, antlr4, deepspeed, webdataset, braceexpand, hjson and
+# pydantic are installed from .wheels/ first (`pip download`/`pip wheel` them there on a networked machine).
+# From the repo root: bash scripts/bench/gpu/run_all.sh [OUT_DIR]
+set -u
+out=${1:-${OUT:-/tmp}}
+export PYTHONPATH=$PWD OMP_NUM_THREADS=8
+[ -d .wheels ] && python3 -m pip install -q --no-deps --no-index .wheels/*.whl
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+echo "== SwinV2-T train step (fwd+bwd+AdamW), ours vs timm, 192/w12, batch 128"
+timeout 150 python3 -c "
+import torch
+from scripts.bench.bench_model import bench_step
+for dtype in (None, torch.bfloat16):
+    print(bench_step(batch=128, repeats=10, dtype=dtype, device='cuda'))
+"
+echo "== engine=fsdp on one GPU (NCCL, bf16)"
+timeout 150 python3 scripts/bench/gpu/fsdp_check.py
+echo "== GEMM peak, analytic FLOPs vs FlopCounterMode, SwinV2-T MFU"
+timeout 120 python3 scripts/bench/gpu/mfu_check.py
+echo "== memory planner vs torch.cuda, SwinV2-G MFU"
+timeout 300 python3 scripts/bench/gpu/plan_memory_check.py "$out/plan_memory_check.json"
