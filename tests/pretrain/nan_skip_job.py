@@ -1,0 +1,66 @@
+"""torchrun job for test_nan_skip.py: the trainer's train_step with gradient accumulation through a real
+engine, where one micro batch of one rank carries a NaN pixel (a corrupt input).
+
+    torchrun --nproc_per_node=2 nan_skip_job.py OUT ENGINE BATCHES
+
+BATCHES lists the global batches to train on, one per optimizer step, e.g. `0,1x,2`: `x` puts a NaN into
+rank 1's first micro batch of that step. Rank 0 writes OUT/updated.json (did each step update?) and every
+rank saves the final engine state to OUT/checkpoints/final.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from pretrain import dist
+from pretrain.config import CONF_DIR, finalize, grad_accum_steps, register_configs
+from pretrain.engine import build_engine
+from pretrain.trainer import train_step
+from world_size_job import MICRO, Recipe, global_batch
+
+
+class Classify:
+    """The part of a stage train_step uses."""
+
+    def loss(self, engine, batch):
+        return F.cross_entropy(engine.forward(batch["image"]).float(), batch["label"]), {}
+
+
+def micro_batches(plan: list[str], rank: int, world_size: int, accum: int):
+    for entry in plan:
+        images, labels = global_batch(int(entry.rstrip("x")))
+        for m in range(accum):
+            lo = (m * world_size + rank) * MICRO
+            image = images[lo:lo + MICRO].clone()
+            if entry.endswith("x") and rank == 1 and m == 0:
+                image[0, 0, 0, 0] = float("nan")
+            yield {"image": image, "label": labels[lo:lo + MICRO]}
+
+
+def main() -> None:
+    out, engine_name, plan = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+    dist.setup_env()
+    ctx = dist.init()
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        raw = compose("config", overrides=["+stage=supervised", f"engine={engine_name}", "engine.precision=fp32",
+                                           "stage.init_from=none", "stage.global_batch=8", f"stage.micro_batch={MICRO}"])
+    cfg = finalize(raw, ctx.world_size)
+    accum = grad_accum_steps(cfg, ctx.world_size)
+    torch.manual_seed(0)
+    engine = build_engine(cfg, ctx, Recipe(), accum)
+    for group in engine.param_groups:
+        group["lr"] = 1e-3 * group["lr_scale"]
+    loader = micro_batches(plan, ctx.rank, ctx.world_size, accum)
+    updated = [train_step(Classify(), engine, loader, accum)[3] for _ in plan]
+    engine.save(out / "checkpoints", "final")
+    if ctx.is_main:
+        (out / "updated.json").write_text(json.dumps(updated))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""NaN/Inf skip through a real engine on 2 gloo ranks, with gradient accumulation: a step where one rank's
+micro batch has a non-finite loss changes nothing (weights, AdamW moments and step count), so training on
+batches 0, 1 (corrupt), 2 ends with exactly the weights of training on 0, 2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.engine import engine_class
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.dist
+
+
+def run_job(out: Path, engine: str, plan: str) -> list[bool]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+           str(HERE / "nan_skip_job.py"), str(out), engine, plan]
+    proc = subprocess.run(cmd, env=env, cwd=HERE.parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return json.loads((out / "updated.json").read_text())
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_a_corrupt_micro_batch_on_one_rank_drops_the_whole_step_everywhere(tmp_path, engine):
+    assert run_job(tmp_path / "skip", engine, "0,1x,2") == [True, False, True]
+    assert run_job(tmp_path / "clean", engine, "0,2") == [True, True]
+    assert run_job(tmp_path / "other", engine, "0,1,2") == [True, True, True]
+    read = engine_class(engine).read_weights
+    skip, clean, other = (read(tmp_path / name / "checkpoints", "final") for name in ("skip", "clean", "other"))
+    assert skip.keys() == clean.keys()
+    for name, value in clean.items():
+        assert torch.equal(skip[name], value), name
+    assert any(not torch.equal(other[k], v) for k, v in clean.items())  # batch 1 would have changed them
