@@ -53,13 +53,15 @@ def deepspeed_json(engine: DeepSpeedConfig, *, micro_batch: int, accum: int, wor
 
 
 @torch.no_grad()
-def _init_in_fp32(module: nn.Module) -> None:
-    """init_module on fp32 copies of the module's own (gathered) parameters: low-precision parameters get
-    the plain build's fp32 draws rounded once, as deepspeed.initialize rounds a plain build's weights."""
-    params = [p for p in module.parameters(recurse=False) if p.dtype != torch.float32]
+def _init_like_a_plain_build(module: nn.Module) -> None:
+    """init_module on CPU fp32 copies of the module's own (gathered) parameters, copied back: the draws come
+    from the CPU generator in fp32, as in a plain build (a model built on an accelerator would draw from the
+    accelerator's generator), and bf16 parameters get them rounded once, as deepspeed.initialize rounds a
+    plain build's weights."""
+    params = list(module.parameters(recurse=False))
     stored = [p.data for p in params]
     for p in params:
-        p.data = p.data.float()
+        p.data = p.data.to(device="cpu", dtype=torch.float32, copy=True)
     init_module(module)
     for p, data in zip(params, stored):
         p.data = data.copy_(p.data)
@@ -76,7 +78,7 @@ def build_partitioned(recipe: ModelRecipe, ds_json: dict[str, Any]) -> nn.Module
         model = recipe.build_model()
     for m in model.modules():
         with deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)), modifier_rank=0):
-            _init_in_fp32(m)
+            _init_like_a_plain_build(m)
     with torch.no_grad():  # non-persistent, shape-derived buffers; zero.Init leaves them unpartitioned
         for m in model.modules():
             if isinstance(m, SwinTransformerV2):

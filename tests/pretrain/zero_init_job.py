@@ -58,8 +58,8 @@ class Recipe:
 
 def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()} | {
-            k: b.clone() for k, b in model.named_buffers()}
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict(keep_vars=True).items()} | {
+            k: b.cpu().clone() for k, b in model.named_buffers()}
 
 
 def differences(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> list[str]:
@@ -130,7 +130,9 @@ def load_case() -> dict:
 
 def main(out_dir: Path) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.get_rank())
     results = [
         build_case("simmim_fp32", lambda: SimMIM(encoder_stride=16, norm_target=False, **TINY), torch.float32),
         build_case("swinv2_fp32", lambda: SwinTransformerV2(num_classes=3, **TINY), torch.float32),
