@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,8 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def launch(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun: bool = True) -> str:
-    """A tiny model on 2 ranks under torchrun, or as one plain process; returns the output."""
+def command(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun: bool = True) -> tuple[list, dict]:
+    """A tiny model on 2 ranks under torchrun, or as one plain process: (command line, environment)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -39,6 +40,12 @@ def launch(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun: 
            "data.samples_per_epoch=96", "data.val_samples=48", "data.num_workers=1", "data.shuffle_buffer=16",
            "model.img_size=64", "model.window_size=4", "stage.global_batch=8", "stage.micro_batch=2",
            "stage.optim.warmup_steps=1", *overrides]
+    return cmd, env
+
+
+def launch(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun: bool = True) -> str:
+    """Run `command(...)` to the end; returns the output."""
+    cmd, env = command(shards, run_root, stage, *overrides, torchrun=torchrun)
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
@@ -132,3 +139,21 @@ def test_every_evaluation_reads_the_same_val_samples(shards, tmp_path):
     rows = metric_rows(tmp_path / "demo" / "supervised")
     first, second = ({k: v for k, v in rows[s].items() if k.startswith("eval/")} for s in (1, 2))
     assert first["eval/images"] == 4 and first == second
+
+
+def test_a_preemption_signal_during_start_up_is_not_lost(shards, tmp_path):
+    # SIGUSR1 (SLURM's warning) while the engine is still being set up: the default action would kill the
+    # process; the trainer must instead run one step, save it and exit 0.
+    cmd, env = command(shards, tmp_path, "simmim", "stage.steps=5", "checkpoint.every_steps=100",
+                       "stage.mask_patch_size=16", torchrun=False)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "deepspeed: ZeRO-" in line:  # engine built; loaders, logger and resume still to come
+            proc.send_signal(signal.SIGUSR1)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 0, "".join(lines)[-5000:]
+    assert any("stopping at step 1 on SIGUSR1" in line for line in lines), "".join(lines)[-5000:]
+    assert (tmp_path / "demo" / "simmim" / "checkpoints" / "latest").read_text() == "step_00000001"
