@@ -1,7 +1,7 @@
 """torchrun job for test_nan_skip.py: the trainer's train_step with gradient accumulation through a real
 engine, where one micro batch of one rank carries a NaN pixel (a corrupt input).
 
-    torchrun --nproc_per_node=2 nan_skip_job.py OUT ENGINE BATCHES
+    torchrun --nproc_per_node=2 nan_skip_job.py OUT ENGINE BATCHES [CONFIG_OVERRIDE ...]
 
 BATCHES lists the global batches to train on, one per optimizer step, e.g. `0,1x,2`: `x` puts a NaN into
 rank 1's first micro batch of that step. Rank 0 writes OUT/updated.json (did each step update?) and every
@@ -41,13 +41,13 @@ def micro_batches(plan: list[str], rank: int, world_size: int, accum: int):
 
 
 def main() -> None:
-    out, engine_name, plan = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+    out, engine_name, plan, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4:]
     dist.setup_env()
     ctx = dist.init()
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         raw = compose("config", overrides=["+stage=supervised", f"engine={engine_name}", "engine.precision=fp32",
-                                           "stage.init_from=none", "stage.global_batch=8", f"stage.micro_batch={MICRO}"])
+                                           "stage.init_from=none", "stage.global_batch=8", f"stage.micro_batch={MICRO}", *extra])
     cfg = finalize(raw, ctx.world_size)
     accum = grad_accum_steps(cfg, ctx.world_size)
     torch.manual_seed(0)
