@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pretrain.loggers import METRICS_FILE, RunLogger, read_metrics
-from torchrun import torchrun
+from tests.torchrun import torchrun
 from wandb_offline import offline_runs, read_run
 
 JOB = Path(__file__).with_name("log_job.py")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from data.demo import write_demo_shards
-from torchrun import REPO, torchrun
+from tests.torchrun import REPO, torchrun
 from wandb_offline import offline_runs, read_run
 
 STEPS, LOG_EVERY, IMAGE_EVERY = 4, 2, 2

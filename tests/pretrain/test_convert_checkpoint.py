@@ -1,7 +1,6 @@
 """scripts/convert_checkpoint.py on real DeepSpeed checkpoints written by 2 gloo ranks."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO)]
 from scripts.convert_checkpoint import main as convert_main  # noqa: E402
+from tests.torchrun import torchrun  # noqa: E402
 from zero_checkpoint_job import TINY  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -27,17 +27,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1",
 def runs(tmp_path_factory) -> Path:
     """ZeRO-3 SwinV2 (fp32 and bf16) and ZeRO-2 SimMIM runs, trained and saved by 2 gloo ranks."""
     out_dir = tmp_path_factory.mktemp("zero")
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-           str(HERE / "zero_checkpoint_job.py"), str(out_dir), "swinv2:3", "simmim:2", "swinv2:3:bf16"]
-    # Own process group, so a timeout also ends the ranks, not just torchrun.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-6000:]
+    torchrun(HERE / "zero_checkpoint_job.py", str(out_dir), "swinv2:3", "simmim:2", "swinv2:3:bf16",
+             timeout=420)
     return out_dir
 
 

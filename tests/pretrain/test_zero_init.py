@@ -3,16 +3,13 @@ the whole model, yet the initial weights are bit for bit a plain build's from th
 weights (a SimMIM encoder) reach the partitioned model. One torchrun launch of zero_init_job.py for all."""
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.torchrun import torchrun
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 WORLD = 2
 BUILDS = ["simmim_fp32", "swinv2_fp32", "swinv2_bf16"]
 
@@ -20,18 +17,7 @@ BUILDS = ["simmim_fp32", "swinv2_fp32", "swinv2_bf16"]
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, dict]]:
     out_dir = tmp_path_factory.mktemp("zero_init")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={WORLD}",
-           str(HERE / "zero_init_job.py"), str(out_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # own process group: a timeout ends the ranks too
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-6000:]
+    torchrun(HERE / "zero_init_job.py", str(out_dir), nproc=WORLD, timeout=240)
     return [{c["case"]: c for c in json.loads((out_dir / f"rank{r}.json").read_text())} for r in range(WORLD)]
 
 

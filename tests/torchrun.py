@@ -1,4 +1,6 @@
-"""Start a 2-rank torchrun job for a test, with wandb offline by default and one thread per rank."""
+"""Start a torchrun job for a test: gloo ranks on this machine, one thread each, wandb offline by default.
+
+Imported as tests.torchrun (setup.cfg puts the repository root on pytest's sys.path)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script: Path, *args: str, timeout: float = 300) -> str:
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_SILENT="true",
                TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
     env.pop("WANDB_MODE", None)  # offline must be the default, not something the environment provides
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), *args]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
     # Own session, so a timeout kills the workers too, not only torchrun (they would keep the CPUs busy).
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
