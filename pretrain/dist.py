@@ -86,4 +86,7 @@ def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # Tear down together: a rank that destroys its gloo group while a peer is still in its last
+        # collective or save can abort at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
