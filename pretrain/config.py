@@ -230,8 +230,6 @@ def validate(cfg: Config, world_size: int) -> None:
     _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
     if isinstance(cfg.engine, DeepSpeedConfig):
         _one_of(cfg.engine.zero_stage, {1, 2, 3}, "engine.zero_stage")
-    if isinstance(cfg.engine, FSDPConfig):
-        _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
     _one_of(cfg.logger.kind, {"wandb", "none"}, "logger.kind")
     _one_of(cfg.data.decoder, {"simplejpeg", "pillow"}, "data.decoder")
     _check(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
