@@ -106,6 +106,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    """Defences against faults of long runs (docs/RELIABILITY.md)."""
+    collective_timeout_s: int = 600  # a collective that waits longer (a hung or dead peer) fails the job
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+
+
+@dataclass
 class OptimConfig:
     # lr, min_lr and warmup_lr are given at reference_batch and scaled linearly to stage.global_batch.
     lr: float = 1e-3
@@ -167,6 +174,7 @@ class Config:
     engine: Any = MISSING  # typed by its group's schema (schema_deepspeed, ...)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     stage: Any = MISSING  # typed by its group's schema; chosen with +stage=NAME
     stages: dict[str, Any] = field(default_factory=dict)  # per-stage overlays, see conf/config.yaml
 
