@@ -6,12 +6,14 @@ Shape-derived buffers (`relative_coords_table`, `relative_position_index`, and `
 the official `attn_mask` is built on use) are non-persistent: they are rebuilt for the target window,
 never loaded; the official checkpoints' copies are dropped on load.
 
-Two additions the official code lacks:
+Three additions the official code lacks:
 - `extra_norm_period`: the paper's extra main-branch LayerNorm "every 6 layers" for H/G. Counted per
   stage (as timm's CR port does): block j of a stage gets `norm3` after its MLP residual when
   (j + 1) % period == 0.
 - sequential attention: per stage, window attention in chunks of `attn_chunk_size` windows, each chunk
   recomputed in backward, so no (windows, heads, N, N) score tensor is ever held whole.
+- `cpb_coords="linear"`: the paper's linear-spaced CPB ablation (Table 1), for the transfer comparison in
+  scripts/transfer_table.py; "log" (the default) is the official log-spaced CPB.
 """
 import math
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from torch import nn
 
 GRAD_CHECKPOINTING_MODES = ("none", "torch", "torch_reentrant", "fairscale", "fairscale_offload")
 ATTN_IMPLS = ("sdpa", "plain")
+CPB_COORDS = ("log", "linear")
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)  # cosine-attention temperature >= 0.01
 
 
@@ -56,13 +59,24 @@ def window_token_order(resolution: int, window: int, shift: int) -> torch.Tensor
     return window_partition(idx, window).flatten()
 
 
-def relative_coords_table(window: int, pretrained_window: int) -> torch.Tensor:
-    """Log-spaced CPB inputs, (2W-1, 2W-1, 2): offsets / (pretrained_window - 1) * 8, then
-    sign * log2(1 + |x|) / log2(8). Offsets inside the pretraining window keep their pretraining values."""
+def relative_coords_table(window: int, pretrained_window: int, coords: str = "log") -> torch.Tensor:
+    """CPB inputs, (2W-1, 2W-1, 2), with offsets in units of (pretrained_window - 1), so offsets inside the
+    pretraining window keep their pretraining values and larger ones extrapolate.
+
+    log (the paper's log-spaced CPB, as the official code computes it): offsets / (pretrained_window - 1) * 8,
+    then sign * log2(1 + |x|) / log2(8); +-1.06 at the training window.
+    linear (Table 1's linear-spaced CPB ablation, as the authors' research code computes it,
+    `relative_coords_table_type == 'linear'` in SwinTransformer/Feature-Distillation
+    models/swin_transformer_v2.py): offsets / (pretrained_window - 1); +-1 at the training window."""
+    if coords not in CPB_COORDS:
+        raise ValueError(f"cpb_coords must be one of {CPB_COORDS}, got {coords!r}")
     offsets = torch.arange(-(window - 1), window, dtype=torch.float32)
     table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1)
     divisor = (pretrained_window if pretrained_window > 0 else window) - 1
-    table = table / max(divisor, 1) * 8
+    table = table / max(divisor, 1)
+    if coords == "linear":
+        return table
+    table = table * 8
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
@@ -135,14 +149,15 @@ def holds_values(p: nn.Parameter) -> bool:
 
 
 class WindowAttention(nn.Module):
-    """Scaled cosine window attention with a log-spaced continuous position bias (CPB)."""
+    """Scaled cosine window attention with a continuous position bias (CPB), log-spaced by default."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, pretrained_window_size: int,
-                 attn_impl: str, sequential: bool, chunk_size: int):
+                 attn_impl: str, sequential: bool, chunk_size: int, cpb_coords: str = "log"):
         super().__init__()
         self.num_heads = num_heads
         self.window_size = window_size
         self.pretrained_window_size = pretrained_window_size
+        self.cpb_coords = cpb_coords
         self.attn_impl = attn_impl
         self.sequential = sequential
         self.chunk_size = chunk_size
@@ -163,7 +178,8 @@ class WindowAttention(nn.Module):
         nn.init.zeros_(self.v_bias)
 
     def init_buffers(self):
-        self.relative_coords_table.copy_(relative_coords_table(self.window_size, self.pretrained_window_size))
+        self.relative_coords_table.copy_(relative_coords_table(self.window_size, self.pretrained_window_size,
+                                                               self.cpb_coords))
         self.relative_position_index.copy_(relative_position_index(self.window_size))
 
     def position_bias(self) -> torch.Tensor:
@@ -238,7 +254,7 @@ class SwinTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, resolution: int, num_heads: int, window_size: int, shift: bool,
                  pretrained_window_size: int, mlp_ratio: float, drop_path: float, extra_norm: bool,
-                 attn_impl: str, sequential: bool, chunk_size: int):
+                 attn_impl: str, sequential: bool, chunk_size: int, cpb_coords: str = "log"):
         super().__init__()
         self.resolution = resolution
         if resolution <= window_size:  # one window covers the map: clamp it, nothing to shift
@@ -248,7 +264,7 @@ class SwinTransformerBlock(nn.Module):
         self.window_size = window_size
         self.shift_size = window_size // 2 if shift else 0
         self.attn = WindowAttention(dim, num_heads, window_size, pretrained_window_size, attn_impl, sequential,
-                                    chunk_size)
+                                    chunk_size, cpb_coords)
         self.norm1 = nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -302,14 +318,15 @@ class BasicLayer(nn.Module):
 
     def __init__(self, dim: int, resolution: int, depth: int, num_heads: int, window_size: int,
                  pretrained_window_size: int, mlp_ratio: float, drop_path: Sequence[float], extra_norm_period: int,
-                 attn_impl: str, sequential: bool, chunk_size: int, downsample: bool):
+                 attn_impl: str, sequential: bool, chunk_size: int, downsample: bool, cpb_coords: str = "log"):
         super().__init__()
         self.blocks = nn.ModuleList(
             SwinTransformerBlock(dim, resolution, num_heads, window_size, shift=j % 2 == 1,
                                  pretrained_window_size=pretrained_window_size, mlp_ratio=mlp_ratio,
                                  drop_path=drop_path[j],
                                  extra_norm=extra_norm_period > 0 and (j + 1) % extra_norm_period == 0,
-                                 attn_impl=attn_impl, sequential=sequential, chunk_size=chunk_size)
+                                 attn_impl=attn_impl, sequential=sequential, chunk_size=chunk_size,
+                                 cpb_coords=cpb_coords)
             for j in range(depth))
         self.downsample = PatchMerging(dim, resolution) if downsample else None
         self.grad_checkpointing = "none"
@@ -346,7 +363,7 @@ class SwinTransformerV2(nn.Module):
                  window_size: int = 12, pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0),
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, extra_norm_period: int = 0,
                  sequential_attn: Sequence[bool] | bool = False, attn_chunk_size: int = 16,
-                 attn_impl: str = "sdpa"):
+                 attn_impl: str = "sdpa", cpb_coords: str = "log"):
         super().__init__()
         n = len(depths)
         num_heads = _per_stage("num_heads", num_heads, n)
@@ -354,6 +371,8 @@ class SwinTransformerV2(nn.Module):
         sequential_attn = _per_stage("sequential_attn", sequential_attn, n)
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        if cpb_coords not in CPB_COORDS:
+            raise ValueError(f"cpb_coords must be one of {CPB_COORDS}, got {cpb_coords!r}")
         if any(sequential_attn) and attn_chunk_size < 1:
             raise ValueError(f"attn_chunk_size must be >= 1 when sequential_attn is on, got {attn_chunk_size}")
         if img_size % (patch_size * 2 ** (n - 1)):
@@ -374,7 +393,8 @@ class SwinTransformerV2(nn.Module):
                 self.layers.append(BasicLayer(
                     embed_dim * 2 ** i, img_size // patch_size // 2 ** i, depths[i], num_heads[i], window_size,
                     pretrained_window_sizes[i], mlp_ratio, drop_path[sum(depths[:i]):sum(depths[:i + 1])],
-                    extra_norm_period, attn_impl, sequential_attn[i], attn_chunk_size, downsample=i < n - 1))
+                    extra_norm_period, attn_impl, sequential_attn[i], attn_chunk_size, downsample=i < n - 1,
+                    cpb_coords=cpb_coords))
             self.norm = nn.LayerNorm(self.num_features)
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if holds_values(self.norm.weight):

@@ -39,6 +39,7 @@ class ModelConfig:
     sequential_attn: list[bool] = field(default_factory=lambda: [False, False, False, False])
     attn_chunk_size: int = 0
     attn_impl: str = "sdpa"
+    cpb_coords: str = "log"  # log | linear (the paper's Table 1 ablation)
     grad_checkpointing: str = "none"  # none | torch | torch_reentrant | fairscale | fairscale_offload
 
 
@@ -233,6 +234,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _one_of(m.grad_checkpointing, {"none", "torch", "torch_reentrant", "fairscale", "fairscale_offload"},
             "model.grad_checkpointing")
     _one_of(m.attn_impl, {"sdpa", "plain"}, "model.attn_impl")
+    _one_of(m.cpb_coords, {"log", "linear"}, "model.cpb_coords")
     _check(m.img_size % (m.patch_size * 2 ** (len(m.depths) - 1)) == 0, "model.img_size",
            "must be divisible by patch_size x 2^(stages-1)")
     _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")

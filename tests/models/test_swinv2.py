@@ -4,7 +4,7 @@ import pytest
 import timm.models.swin_transformer_v2 as timm_swinv2
 import torch
 
-from models.swinv2 import SwinTransformerV2, checkpoint_filter_fn, load_pretrained
+from models.swinv2 import SwinTransformerV2, checkpoint_filter_fn, load_pretrained, relative_coords_table
 from swinv2_cases import CONFIG_NAMES, MICRO, model_cfg, randomize_
 
 
@@ -105,6 +105,40 @@ def test_cpb_coordinates_and_bias_range():
     assert bias.shape == (1, 16, 16) and bias.min() > 0 and bias.max() < 16  # 16 * sigmoid
     idx = attn.relative_position_index
     assert idx[0, 0] == 3 * 7 + 3 and idx.max() == 7 * 7 - 1 and idx.min() == 0
+
+
+def test_linear_cpb_coordinates_are_the_normalised_offsets():
+    linear = relative_coords_table(4, 0, "linear")
+    offsets = torch.arange(-3, 4, dtype=torch.float32) / 3  # offsets / (window - 1), no log
+    torch.testing.assert_close(linear[:, 3, 0], offsets)
+    torch.testing.assert_close(linear[3, :, 1], offsets)
+    assert linear.abs().max() == 1
+    log = relative_coords_table(4, 0, "log")  # the official values: x = offset / 3 * 8, log2(1 + |x|) / 3
+    torch.testing.assert_close(log[3, 4], torch.tensor([0.0, math.log2(1 + 8 / 3) / 3]))
+    torch.testing.assert_close(log, torch.sign(linear) * torch.log2(linear.abs() * 8 + 1) / 3)
+
+
+@pytest.mark.parametrize("coords", ["log", "linear"])
+@pytest.mark.parametrize("window, pretrained", [(8, 4), (6, 4)])
+def test_cpb_transfer_keeps_pretraining_coordinates_and_extrapolates(coords, window, pretrained):
+    small = relative_coords_table(pretrained, 0, coords)
+    big = relative_coords_table(window, pretrained, coords)
+    assert big.shape == (2 * window - 1, 2 * window - 1, 2)
+    inner = slice(window - pretrained, window + pretrained - 1)
+    torch.testing.assert_close(big[inner, inner], small)  # offsets the pretraining window saw: same inputs
+    far = (window - 1) / (pretrained - 1)  # the largest offset in pretraining units
+    expected = far if coords == "linear" else math.log2(far * 8 + 1) / 3
+    torch.testing.assert_close(big.abs().max(), torch.tensor(expected))
+
+
+def test_linear_cpb_model_takes_the_same_weights_with_another_bias():
+    log = _micro()
+    linear = _micro(cpb_coords="linear")
+    load_pretrained(linear, log.state_dict())
+    attn_log, attn_linear = log.layers[0].blocks[0].attn, linear.layers[0].blocks[0].attn
+    assert not torch.allclose(attn_log.position_bias(), attn_linear.position_bias())
+    with pytest.raises(ValueError, match="cpb_coords"):
+        _micro(cpb_coords="loglinear")
 
 
 def test_window_clamping_and_shifts_at_192_w12():

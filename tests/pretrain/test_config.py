@@ -48,6 +48,7 @@ def test_wrong_type_is_named():
     ("stage.global_batch=33", "stage.global_batch"),
     ("stage.optim.warmup_steps=100000", "stage.optim.warmup_steps"),
     ("model.grad_checkpointing=always", "model.grad_checkpointing"),
+    ("model.cpb_coords=loglinear", "model.cpb_coords"),
     ("stage.steps=0", "stage.epochs/stage.steps"),
 ])
 def test_bad_value_is_named(override, key):
