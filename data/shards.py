@@ -23,11 +23,17 @@ How a rank's batches are made
   the global number of samples delivered carry over. Resampled streams have no passes: the new streams
   simply continue after the furthest old shard draw.
 
-Bad data never stops the run: an undecodable image, a missing or non-integer label, or an unreadable or
-truncated tar is skipped and counted; `ShardLoader.stats()` sums the counts over workers in the main process.
+Bad data never stops the run: an undecodable image (garbage bytes, zero bytes, no image member) is counted in
+`bad_image`, a missing, non-integer or out-of-range label in `bad_label`, and a shard read that failed (missing
+or deleted file, a pipe or URL that exits non-zero such as curl's 404, a tar that is truncated or garbage from
+byte 0) in `shard_errors`, once per read, with a warning naming the shard; the samples read before the error are
+used. `ShardLoader.stats()` sums the counts over workers in the main process. Only when a stream has opened at
+least an epoch's worth of shards in a row (as many as the dataset has, and 64) without a single sample does it
+fail, naming them.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -45,6 +51,11 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 READ_EXTS = frozenset(IMAGE_EXTS + ("cls", "json"))
 COUNTERS = ("samples", "bad_image", "bad_label", "shard_errors")
 MAX_BAD_RUN = 10_000  # unusable samples in a row after which the data itself, not a few files, is broken
+# A stream fails after max(shards in the dataset, this) shard reads in a row without a sample: with even half of
+# the shards alive, 64 dead reads in a row happen by chance with probability 2^-64.
+MIN_EMPTY_RUN = 64
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- shard lists
@@ -113,33 +124,25 @@ class _Stream:
         perm = np.random.default_rng([self.seed, k // self.per_pass]).permutation(len(self.shards))
         return self.shards[perm[self.g + (k % self.per_pass) * self.num_streams]]
 
-    def _count_error(self, exn: Exception) -> bool:
-        self.counts["shard_errors"] += 1
-        return True  # skip and go on
-
     def raw_samples(self, shard: int, offset: int) -> Iterator[tuple[int, int, dict]]:
         """(shard index, offset after this sample, sample) from shard `shard`, sample `offset` on."""
-        empty_run = 0  # consecutive shards with no sample: a stream that can never fill a batch must fail
+        empty: list[str] = []  # shards in a row that gave no sample: a stream that can never fill a batch must fail
         for k in range(shard, 2 ** 62):
-            url = self.shard_url(k)
-            n = 0
-            try:
-                stream = wds.gopen(url)
-            except Exception as exn:  # unreadable shard: counted, next one
-                self._count_error(exn)
-            else:
-                try:
-                    files = tar_file_expander([dict(url=url, stream=stream)], handler=self._count_error,
-                                              select_files=_readable)
-                    for n, sample in enumerate(group_by_keys(files, handler=self._count_error), 1):
-                        if k > shard or n > offset:
-                            yield k, n, sample
-                finally:
-                    stream.close()
-            empty_run = 0 if n else empty_run + 1
-            if empty_run >= len(self.shards):
-                raise RuntimeError(f"stream {self.g}: {empty_run} shards in a row held no readable sample, "
-                                   f"last {url!r}")
+            url, n, errors = self.shard_url(k), 0, []
+            for n, sample in enumerate(_shard_samples(url, errors), 1):
+                if k > shard or n > offset:
+                    yield k, n, sample
+            if errors:
+                self.counts["shard_errors"] += 1
+                log.warning("shard %s: read failed after %d samples (skipped, counted in data/shard_errors): %s",
+                            url, n, _describe(errors[-1]))
+            empty = [] if n else empty + [url]
+            if len(empty) >= max(len(self.shards), MIN_EMPTY_RUN):
+                names = sorted(set(empty))
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                last = _describe(errors[-1]) if errors else "none (the shards are empty)"
+                raise RuntimeError(f"stream {self.g}: the last {len(empty)} shards it opened held no readable "
+                                   f"sample: {shown}; last error: {last}")
 
     def blocks(self, state: StreamState, stop: int | None = None) -> Iterator[tuple[dict, StreamState]]:
         """Shuffled raw samples from `state` on, each with the position right after it; with `stop`, only
@@ -164,6 +167,32 @@ class _Stream:
 
 def _per_pass(g: int, num_streams: int, num_shards: int) -> int:
     return len(range(g, num_shards, num_streams))
+
+
+def _shard_samples(url: str, errors: list[Exception]) -> Iterator[dict]:
+    """The samples of one shard (only READ_EXTS members). What cannot be read is skipped, its error appended to
+    `errors`: a missing file, an unreadable or truncated tar, a pipe that exits non-zero."""
+    def skip(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    try:
+        stream = wds.gopen(url)
+    except Exception as exn:
+        errors.append(exn)
+        return
+    try:
+        files = tar_file_expander([dict(url=url, stream=stream)], handler=skip, select_files=_readable)
+        yield from group_by_keys(files, handler=skip)
+    finally:
+        try:
+            stream.close()  # a pipe's exit status (curl's 404, a failed `aws s3 cp`) is only known here
+        except Exception as exn:
+            errors.append(exn)
+
+
+def _describe(exn: Exception) -> str:
+    return f"{type(exn).__name__}: {str(exn)[:300]}"
 
 
 def _readable(name: str) -> bool:
@@ -344,17 +373,23 @@ class ShardLoader:
         return dict(totals, batches=self.batches, epoch=self.epoch)
 
 
-def build_loader(urls, *, sample_fn: Callable[[bytes], dict], batch_size: int, rank: int, world_size: int,
-                 num_workers: int, shuffle_buffer: int, resampled: bool, samples_per_epoch: int, seed: int,
-                 collate_fn=None, num_classes: int | None = None) -> ShardLoader:
-    """One rank's loader. `sample_fn(image_bytes) -> dict of tensors` (a transform from data.transforms);
-    `label` is added from `.cls`. Labels outside [0, num_classes) are counted as bad when num_classes is set."""
+def shard_list(urls, *, world_size: int, num_workers: int, resampled: bool) -> list[str]:
+    """expand_urls, and enough shards for every rank x worker stream to read its own (unless resampled)."""
     shards = expand_urls(urls)
     num_streams = world_size * max(num_workers, 1)
     if not resampled and len(shards) < num_streams:
         raise ValueError(f"{len(shards)} shards in {urls!r} are too few for {world_size} ranks x "
                          f"{max(num_workers, 1)} workers: at least {num_streams} are needed (write smaller "
                          f"shards, lower num_workers, or set resampled: true)")
+    return shards
+
+
+def build_loader(urls, *, sample_fn: Callable[[bytes], dict], batch_size: int, rank: int, world_size: int,
+                 num_workers: int, shuffle_buffer: int, resampled: bool, samples_per_epoch: int, seed: int,
+                 collate_fn=None, num_classes: int | None = None) -> ShardLoader:
+    """One rank's loader. `sample_fn(image_bytes) -> dict of tensors` (a transform from data.transforms);
+    `label` is added from `.cls`. Labels outside [0, num_classes) are counted as bad when num_classes is set."""
+    shards = shard_list(urls, world_size=world_size, num_workers=num_workers, resampled=resampled)
     batches_per_epoch = samples_per_epoch // (world_size * batch_size)
     if batches_per_epoch < 1:
         raise ValueError(f"samples_per_epoch={samples_per_epoch} is less than one batch on every rank "

@@ -2,6 +2,9 @@ import io
 import os
 import shutil
 import tarfile
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -107,15 +110,16 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
         "b.jpg": img, "b.cls": b"one",  # non-integer label
         "c.jpg": img,  # no label
         "d.jpg": img, "d.cls": b"12",  # label out of range (10 classes)
+        "z.jpg": b"", "z.cls": b"3",  # zero-byte image
         "e.png": img, "e.cls": b"2", "e.pyd": b"\x80\x04K\x01.",  # a pickle member is never read
     })
     ld = loader(tmp_path / "bad.tar", batch_size=1, shuffle_buffer=0)
-    batch = next(ld)  # the only good sample comes after the four bad ones
+    batch = next(ld)  # the only good sample comes after the five bad ones
     assert batch["label"].tolist() == [2] and set(batch) == {"image", "label"}
     stats = ld.stats()
-    assert (stats["bad_image"], stats["bad_label"], stats["skipped_samples"], stats["samples"]) == (1, 3, 4, 1)
+    assert (stats["bad_image"], stats["bad_label"], stats["skipped_samples"], stats["samples"]) == (2, 3, 5, 1)
     next(ld)  # the stream goes round again: everything counted again
-    assert ld.stats()["skipped_samples"] == 8
+    assert ld.stats()["skipped_samples"] == 10
 
 
 def test_truncated_tar_is_counted_and_its_readable_part_used(demo_dir, tmp_path):
@@ -133,8 +137,46 @@ def test_a_stream_with_no_readable_sample_fails_instead_of_hanging(tmp_path):
     for i in range(2):
         (tmp_path / f"junk-{i}.tar").write_bytes(b"not a tar at all" * 100)
     ld = loader(tmp_path / "junk-{0..1}.tar")
-    with pytest.raises(RuntimeError, match="held no readable sample"):
+    with pytest.raises(RuntimeError, match="held no readable sample") as err:
         next(ld)
+    assert f"{tmp_path}/junk-0.tar, {tmp_path}/junk-1.tar; last error: ReadError" in str(err.value)
+
+
+def test_a_shard_deleted_while_the_loader_runs_is_skipped_and_counted(demo_dir, tmp_path, caplog):
+    for i in range(2):
+        shutil.copy(demo_dir / f"train-00000{i}.tar", tmp_path / f"s-{i}.tar")
+    ld = loader(tmp_path / "s-{0..1}.tar", shuffle_buffer=0)
+    take(ld, 1)
+    (tmp_path / "s-1.tar").unlink()
+    labels = torch.cat([b["label"] for b in take(ld, 30)])  # 5 passes over what is left: no end, no error
+    assert len(labels) == 120 and ld.stats()["shard_errors"] >= 4
+    assert f"shard {tmp_path}/s-1.tar: read failed after 0 samples" in caplog.text and "FileNotFoundError" in caplog.text
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """An HTTP server on localhost serving tmp_path/www: (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_urls_that_fail_or_404_are_skipped_and_counted(demo_dir, http_root):
+    root, base = http_root
+    shutil.copy(demo_dir / "train-000000.tar", root / "good.tar")
+    urls = [f"{base}/good.tar", f"{base}/gone.tar", "pipe:cat /nonexistent/shard.tar"]  # curl exits 22, cat 1
+    ld = build_loader(urls, sample_fn=EvalTransform(img_size=32), batch_size=8, rank=0, world_size=1,
+                      num_workers=0, shuffle_buffer=0, resampled=False, samples_per_epoch=24, seed=0)
+    assert sum(len(next(ld)["label"]) for _ in range(9)) == 72  # three passes over the one good shard
+    assert ld.stats()["shard_errors"] >= 4
 
 
 def test_a_stream_of_only_unusable_samples_fails_instead_of_hanging(tmp_path, monkeypatch):
