@@ -2,6 +2,8 @@
 convolutions, linear layers and attention matmuls (elementwise ops, norms and softmax are not counted)."""
 from collections.abc import Mapping
 
+from models.swinv2 import block_window
+
 _HIDDEN_CPB = 512
 
 
@@ -11,7 +13,7 @@ def _stage_windows(model_cfg: Mapping, img_size: int):
     for i in range(n):
         side = img_size // model_cfg["patch_size"] // 2 ** i
         yield side, model_cfg["embed_dim"] * 2 ** i, model_cfg["num_heads"][i], \
-            min(model_cfg["window_size"], side), model_cfg["depths"][i]
+            block_window(side, model_cfg["window_size"]), model_cfg["depths"][i]
 
 
 def _encoder_flops(model_cfg: Mapping, img_size: int) -> int:

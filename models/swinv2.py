@@ -29,6 +29,12 @@ CPB_COORDS = ("log", "linear")
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)  # cosine-attention temperature >= 0.01
 
 
+def block_window(resolution: int, window_size: int) -> int:
+    """The window a block uses on a resolution x resolution feature map: a map no larger than the
+    configured window is one window (and then nothing is shifted). It must divide the map."""
+    return min(window_size, resolution)
+
+
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) -> (B * nW, window * window, C), windows in row-major order."""
     B, H, W, C = x.shape
@@ -257,8 +263,8 @@ class SwinTransformerBlock(nn.Module):
                  attn_impl: str, sequential: bool, chunk_size: int, cpb_coords: str = "log"):
         super().__init__()
         self.resolution = resolution
-        if resolution <= window_size:  # one window covers the map: clamp it, nothing to shift
-            window_size, shift = resolution, False
+        window_size = block_window(resolution, window_size)
+        shift = shift and window_size < resolution  # one window covers the map: nothing to shift
         if resolution % window_size:
             raise ValueError(f"feature map {resolution}x{resolution} is not divisible by window_size {window_size}")
         self.window_size = window_size
