@@ -11,7 +11,8 @@ SwinTransformerV2.
 
 Formats are told apart by the files in the tag folder; `ENGINE_OF_FORMAT` names the engine whose
 `read_weights` merges it, the one place a new engine's format is added. DeepSpeed's reader unpickles its
-own files (weights_only=False): convert only checkpoints you trust.
+own files with weights_only=False, so `read_weights` first checks every file of the tag folder
+(pretrain.safe_load): a file crafted to run code is refused, named, and nothing is written.
 """
 
 import argparse

@@ -20,6 +20,13 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> 
                TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
     env.pop("WANDB_MODE", None)  # offline must be the default, not something the environment provides
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    returncode, output = run(cmd, env, timeout)
+    assert returncode == 0, output[-8000:]
+    return output
+
+
+def run(cmd: list[str], env: dict, timeout: float = 300) -> tuple[int, str]:
+    """(exit code, output) of `cmd` run from the repository root; a test failure when it outlasts `timeout`."""
     # Own session, so a timeout kills the workers too, not only torchrun (they would keep the CPUs busy).
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -27,6 +34,5 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> 
         output = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{script.name} {' '.join(args)} timed out:\n{proc.communicate()[0][-5000:]}")
-    assert proc.returncode == 0, output[-8000:]
-    return output
+        pytest.fail(f"{' '.join(cmd)} timed out:\n{proc.communicate()[0][-5000:]}")
+    return proc.returncode, output

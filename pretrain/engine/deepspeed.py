@@ -1,23 +1,32 @@
 """DeepSpeed ZeRO 1/2/3 behind the Engine interface."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
 from models import SwinTransformerV2, init_module
 from pretrain.config import Config, DeepSpeedConfig
 from pretrain.dist import DistContext
-from pretrain.engine.base import Engine, InitFn, ModelRecipe
+from pretrain.engine.base import Engine, InitFn, ModelRecipe, SaveFailed, write_error
 from pretrain.engine import universal
+from pretrain.safe_load import check_checkpoint
 
 log = logging.getLogger(__name__)
+# The plain-data classes DeepSpeed pickles into its checkpoint files (ZeRO stage, loss scaler, ZeRO-1/2 fragment
+# addresses): allowed in the weights_only check of every file before DeepSpeed unpickles it without one.
+SAFE_GLOBALS = (ZeroStageEnum, LossScaler, fragment_address)
 # DeepSpeed prints its whole config and per-step chatter at INFO; we log the parts that matter ourselves.
 deepspeed.utils.logger.setLevel(logging.WARNING)
 # DeepSpeed's ZeRO-3 gathers call a torch collective that torch deprecated: one warning per call otherwise.
@@ -107,6 +116,37 @@ def load_partitioned(model: nn.Module, recipe: ModelRecipe, load_initial: InitFn
                     p.data.copy_(weights[name])
 
 
+class KeptWriteErrors:
+    """DeepSpeed's checkpoint engine (its file writer) with write errors kept instead of raised: a rank that
+    raised inside save_checkpoint would skip the save's remaining collectives and leave its peers in them."""
+
+    def __init__(self, writer):
+        self.writer, self.error = writer, ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.writer, name)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self._kept(path, self.writer.makedirs, path, exist_ok=exist_ok)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        if not self._kept(path, self._save, state_dict, path):
+            with contextlib.suppress(OSError):
+                os.remove(path)  # give its space back to the writes that follow (DeepSpeed's own file copies)
+
+    def _save(self, state_dict: dict, path: str) -> None:
+        with open(path, "wb") as f:  # a file object: see write_error
+            self.writer.save(state_dict, f)
+
+    def _kept(self, path: str, write, *args, **kwargs) -> bool:
+        try:
+            write(*args, **kwargs)
+            return True
+        except (OSError, RuntimeError) as err:  # torch.save: see write_error
+            self.error = self.error or f"{path}: {write_error(err)}"
+            return False
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int):
         ecfg: DeepSpeedConfig = cfg.engine
@@ -137,6 +177,7 @@ class DeepSpeedEngine(Engine):
         o = cfg.stage.optim
         optimizer = torch.optim.AdamW(recipe.param_groups(model), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.json)
+        self.ds.checkpoint_engine = KeptWriteErrors(self.ds.checkpoint_engine)
         log.info("deepspeed: ZeRO-%d %s, micro batch %d x accumulation %d x world %d = global batch %d, "
                  "grad checkpointing %s", ecfg.zero_stage, ecfg.precision, cfg.stage.micro_batch, accum,
                  ctx.world_size, self.json["train_batch_size"], mode)
@@ -165,14 +206,24 @@ class DeepSpeedEngine(Engine):
         self.ds.step()
         return boundary
 
+    def skipped(self) -> bool:
+        # Set by every ZeRO optimizer's step from the global (all-reduced) norm or overflow flag: non-finite
+        # gradients are dropped there whatever their cause, a NaN-scaled loss (above) or the backward itself.
+        return bool(self.ds.optimizer.overflow)
+
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     def save(self, directory: Path, tag: str) -> None:
+        writer = self.ds.checkpoint_engine
+        writer.error = ""
         self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
+        if writer.error:
+            raise SaveFailed(writer.error)
 
     def load(self, directory: Path, tag: str) -> None:
+        check_checkpoint(directory / tag, SAFE_GLOBALS)
         resharded = universal.saved_world_size(directory / tag) != self.ds.dp_world_size
         if resharded:  # ZeRO partitions only load on the world size that wrote them
             directory, tag = universal.universal_checkpoint(directory / tag)
@@ -187,4 +238,17 @@ class DeepSpeedEngine(Engine):
 
     @staticmethod
     def read_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+        check_checkpoint(directory / tag, SAFE_GLOBALS)
         return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+
+    def local_shards(self) -> dict[str, torch.Tensor]:
+        return {name: p.ds_tensor if self.zero3 else p.data for name, p in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def load_local_shards(self, values: dict[str, torch.Tensor]) -> None:
+        if self.zero3:  # release gathered parameters: the next forward gathers the new partitions
+            self.ds.optimizer.checkpoint_event_prologue()
+        for name, shard in self.local_shards().items():
+            shard.copy_(values[name])
+        if self.zero3:  # re-gather the small parameters ZeRO-3 keeps whole (stage3_param_persistence_threshold)
+            self.ds.optimizer.checkpoint_event_epilogue()

@@ -23,6 +23,7 @@ to any world size on load, and `read_weights` merges the model part without a pr
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from models import SwinTransformerV2
 from pretrain.config import Config, FSDPConfig
 from pretrain.dist import DistContext
-from pretrain.engine.base import Engine, ModelRecipe
+from pretrain.engine.base import Engine, ModelRecipe, SaveFailed, write_error
+from pretrain.safe_load import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +120,25 @@ class FSDPEngine(Engine):
         self.micro_steps += 1
         if self.micro_steps % self.accum:
             return False
-        if self._finite is not None and not self._finite.item():  # the same agreed flag on every rank
-            self._grad_norm = None
-            self.optimizer.zero_grad(set_to_none=True)
-            return True
+        finite_loss = self._finite is None or bool(self._finite.item())  # the same agreed flag on every rank
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # the shards' partial norms, reduced over ranks
-        if self.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
-        self._grad_norm = norm.item()
-        self.optimizer.step()
+        norm = self._global_grad_norm(params) if finite_loss else None
+        # A norm reduced over ranks: every rank sees the same inf/NaN from any rank's gradients and skips too.
+        self._grad_norm = None if norm is None else norm.item()
+        if not self.skipped():
+            if self.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
+
+    @staticmethod
+    def _global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the shards' partial norms, reduced
+
+    def skipped(self) -> bool:
+        return self._grad_norm is None or not math.isfinite(self._grad_norm)
 
     def grad_norm(self) -> float | None:
         return self._grad_norm
@@ -143,22 +150,40 @@ class FSDPEngine(Engine):
     def save(self, directory: Path, tag: str) -> None:
         path = directory / tag
         path.mkdir(parents=True, exist_ok=True)
-        dcp.save(self._state(), checkpoint_id=path)
+        try:
+            dcp.save(self._state(), checkpoint_id=path)
+        except dcp.CheckpointException as err:  # raised on every rank when any rank's write failed
+            own = err.failures.get(torch.distributed.get_rank())
+            raise SaveFailed(f"{path}: {write_error(own[0])}" if own else "") from err
 
     def load(self, directory: Path, tag: str) -> None:
         path = directory / tag
         if not (path / ".metadata").is_file():
             raise FileNotFoundError(f"{path} holds no torch.distributed.checkpoint (.metadata missing): "
                                     "not saved by engine=fsdp?")
+        check_checkpoint(path)
         state = self._state()
         dcp.load(state, checkpoint_id=path)  # reshards to this world size by itself
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     @staticmethod
     def read_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+        check_checkpoint(directory / tag)
         state: dict[str, Any] = {}
         # dcp.load fills a copy of `state`, so the keys the planner adds would be lost: the inner loader
         # (as torch's own dcp_to_torch_save uses) fills `state` itself.
         _load_state_dict(state, storage_reader=dcp.FileSystemReader(directory / tag),
                          planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+
+    @torch.no_grad()
+    def local_shards(self) -> dict[str, torch.Tensor]:
+        return {name: p.to_local() for name, p in self.model.named_parameters()}  # no grad: the shard itself
+
+    @torch.no_grad()
+    def load_local_shards(self, values: dict[str, torch.Tensor]) -> None:
+        for name, shard in self.local_shards().items():
+            shard.copy_(values[name])
+        for m in self.model.modules():  # the root stays gathered after a no-grad forward: drop that copy
+            if isinstance(m, FSDPModule):
+                m.reshard()
