@@ -1,14 +1,19 @@
-"""Training entry point.
+"""Training and evaluation entry point.
 
     torchrun --standalone --nproc_per_node=2 launch/pretrain.py +stage=simmim [key=value ...]
     srun python launch/pretrain.py +stage=simmim        (SLURM tasks become ranks)
     python launch/pretrain.py +stage=simmim             (one process)
+    python launch/pretrain.py +stage=eval stage.init_from=RUN_DIR_OR_FILE   (no training)
 """
+import os
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.elastic.multiprocessing.errors import record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
@@ -18,15 +23,40 @@ config.register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@record  # torchrun's failure summary then shows each rank's error, not only its exit code
 def main(raw: DictConfig) -> None:
     dist.setup_env()
     try:
-        cfg = config.finalize(raw, dist.world_size_from_env())
+        cfg = config.finalize(raw, dist.world_size_from_env(), check_files=True)
     except config.ConfigError as err:
         sys.exit(f"config error: {err}")
-    from pretrain.trainer import train  # heavy imports only once the config is known to be good
-    train(cfg)
+    if isinstance(cfg.stage, config.EvalStageConfig):
+        from pretrain.evaluate import evaluate  # no training: one evaluation of a checkpoint
+        evaluate(cfg)
+        return
+    from pretrain.trainer import TrainingHalted, train  # heavy imports only once the config is known to be good
+    try:
+        with dist.peer_failures_named(cfg.resilience.collective_timeout_s):
+            train(cfg)
+    except TrainingHalted as halt:
+        sys.exit(f"training stopped: {halt}")  # on every rank, after the process group shut down together
+
+
+def composition_error(err: HydraException) -> str:
+    """Hydra's multi-line error (unknown key, wrong type, unknown group option) as one line naming the key."""
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        return f"{cause.full_key}: {cause.msg.splitlines()[0]}"
+    message = str(err).split("\n\n")[0].replace("\n", " ")
+    if isinstance(err, OverrideParseException):  # e.g. an unquoted brace pattern
+        return f"{err.override}: {message} (quote values with braces or brackets: key='a-{{0..9}}.tar')"
+    options = getattr(err, "options", None)  # a config group option that does not exist
+    return f"{message}; one of {', '.join(options)}" if options else message
 
 
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing, so we can say it in one line
+    try:
+        main()
+    except HydraException as err:
+        sys.exit(f"config error: {composition_error(err)}")

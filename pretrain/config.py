@@ -1,8 +1,10 @@
 """Structured configs: the typed shape of the Hydra tree in conf/.
 
 Every yaml group is merged over one of these dataclasses, so a wrong key or type fails while Hydra
-composes. Value checks that a type cannot express live in `validate`. Experiments set values per stage
-under `stages.<name>`; `finalize` merges the chosen stage's entry over the whole config.
+composes. Value checks that a type cannot express live in `validate`; `validate_files` checks the files the
+config names (data shards, init_from), which the launcher does on every rank before anything is built.
+Experiments set values per stage under `stages.<name>`; `finalize` merges the chosen stage's entry over the
+whole config.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from data.shards import shard_list
+from models.swinv2 import block_window
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -111,6 +116,12 @@ class ResilienceConfig:
     """Defences against faults of long runs (docs/RELIABILITY.md)."""
     collective_timeout_s: int = 600  # a collective that waits longer (a hung or dead peer) fails the job
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+    # Loss spikes (PaLM): a step whose mean loss over ranks exceeds spike_factor x the mean of the last
+    # spike_window good steps rolls back to the last checkpoint; the data loader keeps going, so the batches
+    # since that checkpoint are not seen again. 0 = off: it costs one host sync per step.
+    spike_factor: float = 0.0
+    spike_window: int = 100
+    max_rollbacks: int = 3  # rollbacks in one run before it stops
 
 
 @dataclass
@@ -166,6 +177,28 @@ class SupervisedStageConfig(StageConfig):
 
 
 @dataclass
+class FinetuneStageConfig(SupervisedStageConfig):
+    """Supervised training from a trained classifier, usually at a larger model.img_size / window_size."""
+    name: str = "finetune"
+    init_from: str = "auto"  # auto = supervised run dir of this experiment | a run dir | a weights file
+    class_map: str = ""  # text file, line i = the source head row of new class i (e.g. 21841 -> 1000)
+    ema_decay: float = 0.0  # EMA of the weights, evaluated beside them (eval_ema/*); 0 = off
+
+
+@dataclass
+class EvalStageConfig(StageConfig):
+    """Top-1/top-5 of a checkpoint on data.val_urls; no training, so epochs, steps, global_batch and
+    optim are unused (the engine is still built to shard the model)."""
+    name: str = "eval"
+    global_batch: int = 0
+    init_from: str = ""  # required: a run dir or a weights file
+    class_map: str = ""  # as for finetune
+    ema: bool = False  # also evaluate the EMA a finetune run with stage.ema_decay > 0 saved
+    eval_crop_pct: float = 0.875
+    eval_batches: int = 0  # per rank; 0 = one pass over the val shards
+
+
+@dataclass
 class Config:
     seed: int = 0
     experiment_name: str = "demo"
@@ -185,6 +218,8 @@ def register_configs() -> None:
     cs.store(name="schema", node=Config)
     cs.store(group="stage", name="schema_simmim", node=SimMIMStageConfig)
     cs.store(group="stage", name="schema_supervised", node=SupervisedStageConfig)
+    cs.store(group="stage", name="schema_finetune", node=FinetuneStageConfig)
+    cs.store(group="stage", name="schema_eval", node=EvalStageConfig)
     cs.store(group="engine", name="schema_deepspeed", node=DeepSpeedConfig)
     cs.store(group="engine", name="schema_fsdp", node=FSDPConfig)
 
@@ -193,8 +228,9 @@ def available_stages() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
 
 
-def finalize(cfg: DictConfig, world_size: int) -> Config:
-    """Apply the chosen stage's overlay, check values, and return the typed config."""
+def finalize(cfg: DictConfig, world_size: int, *, check_files: bool = False) -> Config:
+    """Apply the chosen stage's overlay, check values (and with check_files the files they name), and return
+    the typed config."""
     if OmegaConf.is_missing(cfg, "stage"):
         raise ConfigError(f"no stage chosen: add +stage=NAME, one of {available_stages()}")
     name = cfg.stage.name
@@ -206,8 +242,13 @@ def finalize(cfg: DictConfig, world_size: int) -> Config:
             cfg = OmegaConf.merge(cfg, overlay)
         except OmegaConfBaseException as err:
             raise ConfigError(f"stages.{name}: {err}") from None
-    config: Config = OmegaConf.to_object(cfg)
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # e.g. a mandatory value (???) left unset
+        raise ConfigError(f"{err.full_key}: {err.msg.splitlines()[0]}") from None
     validate(config, world_size)
+    if check_files:
+        validate_files(config, world_size)
     return config
 
 
@@ -220,10 +261,9 @@ def _one_of(value: Any, allowed: set, key: str) -> None:
     _check(value in allowed, key, f"got {value!r}, expected one of {sorted(allowed)}")
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    st, m = cfg.stage, cfg.model
+def _validate_schedule(cfg: Config, world_size: int) -> None:
+    st = cfg.stage
     _check((st.epochs > 0) != (st.steps > 0), "stage.epochs/stage.steps", "set exactly one of them > 0")
-    _check(st.micro_batch > 0, "stage.micro_batch", f"must be > 0, got {st.micro_batch}")
     per_step = st.micro_batch * world_size
     _check(st.global_batch > 0 and st.global_batch % per_step == 0, "stage.global_batch",
            f"{st.global_batch} is not a multiple of micro_batch x world = {st.micro_batch} x {world_size}")
@@ -231,12 +271,44 @@ def validate(cfg: Config, world_size: int) -> None:
            f"{st.optim.warmup_steps} must be in [0, total steps = {total_steps(cfg)}]")
     _check(0 < st.optim.layer_decay <= 1, "stage.optim.layer_decay", f"must be in (0, 1], got {st.optim.layer_decay}")
     _check(len(st.optim.betas) == 2, "stage.optim.betas", "needs two values")
+    _check(cfg.data.samples_per_epoch >= per_step, "data.samples_per_epoch",
+           f"{cfg.data.samples_per_epoch} is less than one micro batch on every rank ({st.micro_batch} x {world_size})")
+
+
+def _validate_windows(m: ModelConfig) -> None:
+    """The model's own rule (models.swinv2.block_window), checked before anything is built."""
+    _check(m.window_size > 0, "model.window_size", f"must be > 0, got {m.window_size}")
+    for i in range(len(m.depths)):
+        side = m.img_size // m.patch_size // 2 ** i
+        _check(side % block_window(side, m.window_size) == 0, "model.window_size",
+               f"{m.window_size} does not divide the {side}x{side} feature map of stage {i + 1} (img_size "
+               f"{m.img_size} / patch_size {m.patch_size} / 2^{i}); a map no larger than the window is one window")
+
+
+def _evaluates(cfg: Config) -> bool:
+    return isinstance(cfg.stage, (SupervisedStageConfig, EvalStageConfig)) and bool(cfg.data.val_urls)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    st, m = cfg.stage, cfg.model
+    _check(st.micro_batch > 0, "stage.micro_batch", f"must be > 0, got {st.micro_batch}")
+    if isinstance(st, EvalStageConfig):
+        _check(st.init_from not in ("", "auto", "none"), "stage.init_from",
+               f"+stage=eval needs the checkpoint to evaluate: a run dir or a weights file, got {st.init_from!r}")
+    else:
+        _validate_schedule(cfg, world_size)
+    if isinstance(st, FinetuneStageConfig):
+        _check(0 <= st.ema_decay < 1, "stage.ema_decay", f"must be in [0, 1), got {st.ema_decay}")
     _one_of(m.grad_checkpointing, {"none", "torch", "torch_reentrant", "fairscale", "fairscale_offload"},
             "model.grad_checkpointing")
     _one_of(m.attn_impl, {"sdpa", "plain"}, "model.attn_impl")
     _one_of(m.cpb_coords, {"log", "linear"}, "model.cpb_coords")
     _check(m.img_size % (m.patch_size * 2 ** (len(m.depths) - 1)) == 0, "model.img_size",
            "must be divisible by patch_size x 2^(stages-1)")
+    _validate_windows(m)
+    if _evaluates(cfg):
+        _check(cfg.data.val_samples >= st.micro_batch * world_size, "data.val_samples",
+               f"{cfg.data.val_samples} is less than one micro batch on every rank ({st.micro_batch} x {world_size})")
     _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
     if isinstance(cfg.engine, DeepSpeedConfig):
         _one_of(cfg.engine.zero_stage, {1, 2, 3}, "engine.zero_stage")
@@ -244,11 +316,37 @@ def validate(cfg: Config, world_size: int) -> None:
     _one_of(cfg.data.decoder, {"simplejpeg", "pillow"}, "data.decoder")
     _check(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
     _check(cfg.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
+    r = cfg.resilience
+    _check(r.max_consecutive_skips > 0, "resilience.max_consecutive_skips", "must be > 0")
+    _check(r.spike_factor == 0 or r.spike_factor > 1, "resilience.spike_factor",
+           f"must be 0 (off) or > 1, got {r.spike_factor}")
+    _check(r.spike_window > 0, "resilience.spike_window", "must be > 0")
+    _check(r.max_rollbacks >= 0, "resilience.max_rollbacks", "must be >= 0")
     if isinstance(st, SimMIMStageConfig):
         _check(m.img_size % st.mask_patch_size == 0 and st.mask_patch_size % m.patch_size == 0,
                "stage.mask_patch_size", "must divide model.img_size and be a multiple of model.patch_size")
         _check(0 < st.mask_ratio < 1, "stage.mask_ratio", "must be in (0, 1)")
         _check(st.norm_target_patch % 2 == 1, "stage.norm_target_patch", "must be odd")
+
+
+def _check_shards(key: str, urls: str, cfg: Config, world_size: int, resampled: bool) -> None:
+    try:
+        shard_list(urls, world_size=world_size, num_workers=cfg.data.num_workers, resampled=resampled)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def validate_files(cfg: Config, world_size: int) -> None:
+    """The files the config names: its local data shards exist and are enough for every rank x worker (remote
+    ones, pipe: or http://, are only tried when read), and stage.init_from is a weights file or a finished run."""
+    if not isinstance(cfg.stage, EvalStageConfig):
+        _check_shards("data.train_urls", cfg.data.train_urls, cfg, world_size, cfg.data.resampled)
+    if _evaluates(cfg):
+        _check_shards("data.val_urls", cfg.data.val_urls, cfg, world_size, resampled=False)
+    if isinstance(cfg.stage, (SupervisedStageConfig, EvalStageConfig)):
+        from pretrain.stages import stage_class  # the training code, which imports this module
+
+        stage_class(cfg).init_source(cfg)
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

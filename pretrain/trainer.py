@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -12,7 +13,9 @@ from omegaconf import OmegaConf
 from pretrain import dist, rundir
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config, grad_accum_steps, total_steps
+from pretrain.ema import WeightEMA
 from pretrain.engine import Engine, build_engine
+from pretrain.guard import StepGuard, TrainingHalted, Verdict
 from pretrain.loggers import RunLogger
 from pretrain.metrics import TrainMeter, peak_flops_per_s
 from pretrain.preemption import PreemptionWatcher
@@ -36,9 +39,16 @@ def lr_schedule(cfg: Config, total: int) -> WarmupCosine:
                         warmup_lr=scale_lr(o.warmup_lr, batch, o.reference_batch))
 
 
-def train_step(stage: Stage, engine: Engine, loader, accum: int) -> tuple[torch.Tensor, dict, float, bool]:
-    """One optimizer step over `accum` micro batches: (mean loss, mean extras, seconds waiting for data,
-    whether it updated the weights: False when some rank's loss was not finite)."""
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # this rank's mean over the micro batches, on the device
+    extras: dict[str, torch.Tensor]
+    data_wait_s: float
+    finite_loss: bool  # every rank's loss was finite (agreed over ranks)
+    updated: bool  # the weights changed: False when some rank's loss or the global gradient norm was not finite
+
+
+def train_step(stage: Stage, engine: Engine, loader, accum: int) -> StepResult:
+    """One optimizer step over `accum` micro batches."""
     # sums stay on the device: reading them every micro batch would stall a GPU
     loss_sum, extras_sum, data_wait_s = torch.zeros((), device=engine.device), {}, 0.0
     finite = torch.ones((), device=engine.device)
@@ -55,13 +65,29 @@ def train_step(stage: Stage, engine: Engine, loader, accum: int) -> tuple[torch.
         loss_sum += loss.detach().float()
         for k, v in extras.items():
             extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float()
-    return loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s, bool(finite)
+    return StepResult(loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s, bool(finite),
+                      not engine.skipped())
+
+
+def roll_back(checkpointer: Checkpointer, engine: Engine, ema: WeightEMA | None, guard: StepGuard,
+              step: int) -> int | None:
+    """Reload the last checkpoint's engine state, EMA and RNG and return its step (None: no checkpoint yet,
+    go on). The data loader keeps its place, so the batches since the checkpoint are skipped; counts go on."""
+    tag = checkpointer.latest_tag()
+    if tag is None:
+        log.warning("step %d: no checkpoint to roll back to yet; going on", step)
+        return None
+    client = checkpointer.load(engine, tag)
+    if ema is not None:
+        ema.load_state_dict(client.get("ema"))
+    guard.rolled_back(step, client["step"])
+    return client["step"]
 
 
 def train(cfg: Config) -> None:
     # First: a SLURM warning that arrives while the model, loaders and checkpoint load is not lost.
     watcher = PreemptionWatcher()
-    ctx = dist.init()
+    ctx = dist.init(cfg.resilience.collective_timeout_s)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     run = rundir.run_dir(cfg)
@@ -71,6 +97,7 @@ def train(cfg: Config) -> None:
     seed_all(cfg.seed)  # the same initial weights on every rank
     stage = build_stage(cfg, ctx)
     engine = build_engine(cfg, ctx, stage, accum)
+    ema = stage.weight_ema(engine)  # None unless the stage keeps an EMA of the weights
     seed_all(cfg.seed + ctx.rank)  # per-rank randomness (drop path) from here on
     loader = stage.train_loader()
     logger = RunLogger(run, cfg_dict, rank=ctx.rank, kind=cfg.logger.kind, project=cfg.logger.project,
@@ -81,6 +108,7 @@ def train(cfg: Config) -> None:
     meter = TrainMeter(flops_per_image=stage.flops_per_image(), peak_flops=peak_flops_per_s(ctx.device, engine.dtype),
                        world_size=ctx.world_size, device=ctx.device)
     checkpointer = Checkpointer(rundir.checkpoint_dir(run), ctx, cfg.checkpoint.keep_last)
+    guard = StepGuard(cfg.resilience, ctx.world_size)
 
     step = 0
     tag = checkpointer.latest_tag()
@@ -89,6 +117,9 @@ def train(cfg: Config) -> None:
         loader.load_state_dict(client["loader"])
         step = client["step"]
         meter.nan_skips = client.get("nan_skips", 0)  # checkpoints before the NaN skip lack it
+        if ema is not None:
+            ema.load_state_dict(client.get("ema"))
+        guard.load_state_dict(client.get("guard", {}))
         log.info("resumed from %s at step %d", checkpointer.dir / tag, step)
     if ctx.is_main:
         rundir.save_config(cfg, run)
@@ -100,29 +131,38 @@ def train(cfg: Config) -> None:
     while step < total:
         t = time.perf_counter()
         set_lr(engine.param_groups, schedule(step))
-        loss, extras, data_wait_s, updated = train_step(stage, engine, loader, accum)
+        result = train_step(stage, engine, loader, accum)
         step += 1  # a skipped step still counts: the lr schedule moves on, as in large-scale practice
-        if not updated:
-            log.warning("step %d: non-finite loss on some rank; the update was skipped on every rank", step)
-        meter.update(loss=loss, batch_size=cfg.stage.micro_batch * accum, step_s=time.perf_counter() - t,
-                     data_wait_s=data_wait_s, grad_norm=engine.grad_norm(),
-                     lrs={g["family"]: g["lr"] for g in engine.param_groups}, extras=extras, nan_skip=not updated)
+        verdict = guard.check(step, result.loss, finite_loss=result.finite_loss, updated=result.updated)
+        if verdict is Verdict.ROLL_BACK and (back := roll_back(checkpointer, engine, ema, guard, step)) is not None:
+            step = back
+            continue
+        meter.update(loss=result.loss, batch_size=cfg.stage.micro_batch * accum, step_s=time.perf_counter() - t,
+                     data_wait_s=result.data_wait_s, grad_norm=engine.grad_norm(), extras=result.extras,
+                     lrs={g["family"]: g["lr"] for g in engine.param_groups}, nan_skip=not result.updated)
+        if ema is not None and result.updated:
+            ema.update()
         shown = {}  # the progress line keeps the last logged values between log steps
-        if step % cfg.logger.every == 0 or step == total:
-            metrics = meter.summary(loader.stats())  # collective: every rank
+        if step % cfg.logger.every == 0 or step == total or verdict is Verdict.HALT:
+            metrics = {**meter.summary(loader.stats()), **guard.metrics()}  # collective: every rank
             logger.log(step, metrics)
             shown = {"loss": metrics["train/loss"], "img_per_s": metrics["perf/img_per_s"]}
         progress.update(step, **shown)
+        if verdict is Verdict.HALT:
+            break  # on every rank, without saving: `latest` stays the last good checkpoint
         if ctx.is_main and cfg.logger.image_every and step % cfg.logger.image_every == 0:
             logger.log_images(step, stage.images())
         if stage.eval_due(step, total):
             metrics = stage.evaluate(engine)
+            if ema is not None:
+                metrics.update(ema.evaluate(stage.evaluate))
             logger.log(step, metrics)
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         stop = watcher.should_stop()
         if stop or step % cfg.checkpoint.every_steps == 0 or step == total:
             checkpointer.save(engine, step, {"loader": loader.state_dict(), "nan_skips": meter.nan_skips,
-                                             "config": OmegaConf.to_yaml(cfg_dict)})
+                                             "guard": guard.state_dict(), "config": OmegaConf.to_yaml(cfg_dict),
+                                             "ema": None if ema is None else ema.state_dict()})
         if stop:
             log.info("stopping at step %d on %s; relaunch to resume", step, watcher.signal_name or "a peer's signal")
             break
@@ -130,3 +170,6 @@ def train(cfg: Config) -> None:
     progress.close()
     logger.finish()
     dist.shutdown()
+    if guard.halted:
+        latest = checkpointer.latest_tag()
+        raise TrainingHalted(f"{guard.halted}. Resume from: {checkpointer.dir / latest if latest else 'the start'}")

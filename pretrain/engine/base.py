@@ -13,6 +13,22 @@ ParamGroupsFn = Callable[[nn.Module], list[dict]]
 InitFn = Callable[[nn.Module], None]
 
 
+class SaveFailed(Exception):
+    """`Engine.save` could not write its files (disk full, unwritable directory). Raised only after the save's
+    collectives have run on this rank as on its peers, so the ranks can still agree on the outcome. The message
+    is this rank's reason; empty where only a peer's write failed (an engine that fails on every rank)."""
+
+
+def write_error(err: BaseException) -> str:
+    """Why a write failed, in the OS's words. Give torch.save a file object, not a path: to a path its zip
+    writer says only "unexpected pos ..."; to a file object it raises the OSError (ENOSPC, EROFS, ...), or
+    buries it under that RuntimeError, raised while closing the file."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    return str(cause or err)
+
+
 class Engine(ABC):
     """Wraps model + optimizer. Built by `build_engine`; every method is called on every rank.
 
@@ -22,7 +38,9 @@ class Engine(ABC):
 
     NaN/Inf skip: `finite` is a 0-dim tensor on `device`, the same on every rank: 1 while every rank's loss
     in the current optimizer step has been finite, 0 from the first micro batch where one was not (None: 1).
-    An optimizer step that saw a 0 leaves the weights and optimizer state as they were and drops its gradients.
+    An optimizer step that saw a 0, or whose global gradient norm is not finite (a finite loss can still give
+    inf/NaN gradients, e.g. an overflow in a bf16 backward), leaves the weights and optimizer state as they
+    were and drops its gradients; `skipped()` then says so, the same on every rank.
     """
 
     device: torch.device
@@ -56,12 +74,17 @@ class Engine(ABC):
         """Count a micro step; at the accumulation boundary clip, update, zero grads and return True."""
 
     @abstractmethod
+    def skipped(self) -> bool:
+        """Whether the last optimizer step was dropped (a non-finite loss or gradient norm on some rank)."""
+
+    @abstractmethod
     def grad_norm(self) -> float | None:
         """Global gradient norm before clipping, of the last update (None or inf after a skipped one)."""
 
     @abstractmethod
     def save(self, directory: Path, tag: str) -> None:
-        """Collective: write this rank's part of the model and optimizer state to directory/tag/."""
+        """Collective: write this rank's part of the model and optimizer state to directory/tag/. A write
+        error raises SaveFailed; any other exception may leave the peers inside the save's collectives."""
 
     @abstractmethod
     def load(self, directory: Path, tag: str) -> None:
@@ -71,6 +94,17 @@ class Engine(ABC):
     @abstractmethod
     def read_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
         """One fp32 state dict of the model saved at directory/tag (no process group needed)."""
+
+    @abstractmethod
+    def local_shards(self) -> dict[str, torch.Tensor]:
+        """This rank's part of every parameter, by name: the tensors the optimizer writes (ZeRO-3's flat
+        partition, FSDP2's dim-0 chunk, the whole parameter under ZeRO-1/2). Every rank's parts, flattened
+        and joined in rank order, begin with the whole flattened parameter (pretrain.ema.merge_shards)."""
+
+    @abstractmethod
+    def load_local_shards(self, values: dict[str, torch.Tensor]) -> None:
+        """Collective: copy `values` (shaped as `local_shards()`) into this rank's parts, so that the next
+        forward computes with them."""
 
 
 class ModelRecipe(Protocol):

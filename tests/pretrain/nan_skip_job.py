@@ -1,11 +1,13 @@
-"""torchrun job for test_nan_skip.py: the trainer's train_step with gradient accumulation through a real
-engine, where one micro batch of one rank carries a NaN pixel (a corrupt input).
+"""torchrun job for test_nan_skip.py and tests/reliability/test_nonfinite.py: the trainer's train_step with
+gradient accumulation through a real engine, where one micro batch of one rank carries a NaN pixel (a corrupt
+input) or a finite loss whose backward overflows to inf gradients.
 
     torchrun --nproc_per_node=2 nan_skip_job.py OUT ENGINE BATCHES [CONFIG_OVERRIDE ...]
 
 BATCHES lists the global batches to train on, one per optimizer step, e.g. `0,1x,2`: `x` puts a NaN into
-rank 1's first micro batch of that step. Rank 0 writes OUT/updated.json (did each step update?) and every
-rank saves the final engine state to OUT/checkpoints/final.
+rank 1's first micro batch of that step, `g` gives that micro batch infinite gradients instead. Every rank
+writes OUT/updated_rank<r>.json (did each step update?) and saves the final engine state to
+OUT/checkpoints/final.
 """
 import json
 import sys
@@ -22,22 +24,36 @@ from pretrain.trainer import train_step
 from world_size_job import MICRO, Recipe, global_batch
 
 
+class InfGrad(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss with an overflow in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
 class Classify:
     """The part of a stage train_step uses."""
 
     def loss(self, engine, batch):
-        return F.cross_entropy(engine.forward(batch["image"]).float(), batch["label"]), {}
+        logits = engine.forward(batch["image"]).float()
+        return F.cross_entropy(InfGrad.apply(logits) if batch["inf_grad"] else logits, batch["label"]), {}
 
 
 def micro_batches(plan: list[str], rank: int, world_size: int, accum: int):
     for entry in plan:
-        images, labels = global_batch(int(entry.rstrip("x")))
+        images, labels = global_batch(int(entry.rstrip("xg")))
         for m in range(accum):
             lo = (m * world_size + rank) * MICRO
             image = images[lo:lo + MICRO].clone()
-            if entry.endswith("x") and rank == 1 and m == 0:
+            faulty = rank == 1 and m == 0
+            if faulty and entry.endswith("x"):
                 image[0, 0, 0, 0] = float("nan")
-            yield {"image": image, "label": labels[lo:lo + MICRO]}
+            yield {"image": image, "label": labels[lo:lo + MICRO], "inf_grad": faulty and entry.endswith("g")}
 
 
 def main() -> None:
@@ -55,10 +71,9 @@ def main() -> None:
     for group in engine.param_groups:
         group["lr"] = 1e-3 * group["lr_scale"]
     loader = micro_batches(plan, ctx.rank, ctx.world_size, accum)
-    updated = [train_step(Classify(), engine, loader, accum)[3] for _ in plan]
+    updated = [train_step(Classify(), engine, loader, accum).updated for _ in plan]
     engine.save(out / "checkpoints", "final")
-    if ctx.is_main:
-        (out / "updated.json").write_text(json.dumps(updated))
+    (out / f"updated_rank{ctx.rank}.json").write_text(json.dumps(updated))
     dist.shutdown()
 
 

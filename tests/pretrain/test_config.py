@@ -50,10 +50,23 @@ def test_wrong_type_is_named():
     ("model.grad_checkpointing=always", "model.grad_checkpointing"),
     ("model.cpb_coords=loglinear", "model.cpb_coords"),
     ("stage.steps=0", "stage.epochs/stage.steps"),
+    ("resilience.max_consecutive_skips=0", "resilience.max_consecutive_skips"),
+    ("resilience.spike_factor=0.5", "resilience.spike_factor"),
+    ("resilience.spike_window=0", "resilience.spike_window"),
+    ("model.window_size=5", "model.window_size"),
+    ("data.samples_per_epoch=16", "data.samples_per_epoch"),  # one micro batch on 2 ranks is 32
+    ("data.train_urls=???", "data.train_urls"),
 ])
 def test_bad_value_is_named(override, key):
     with pytest.raises(ConfigError, match=key):
         finalize(compose_cfg("+stage=simmim", override), world_size=2)
+
+
+def test_window_must_divide_each_feature_map_larger_than_it():
+    # 192px / patch 4: maps 48, 24, 12, 6. Window 24 divides 48; 24 and below are one window each.
+    assert finalize(compose_cfg("+stage=simmim", "model.window_size=24"), world_size=2).model.window_size == 24
+    with pytest.raises(ConfigError, match="model.window_size: 16 does not divide the 24x24 feature map of stage 2"):
+        finalize(compose_cfg("+stage=simmim", "model.window_size=16"), world_size=2)
 
 
 def test_global_batch_must_split_over_the_world():

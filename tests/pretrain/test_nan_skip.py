@@ -24,7 +24,9 @@ def run_job(out: Path, engine: str, plan: str, *overrides: str) -> list[bool]:
            str(HERE / "nan_skip_job.py"), str(out), engine, plan, *overrides]
     proc = subprocess.run(cmd, env=env, cwd=HERE.parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    return json.loads((out / "updated.json").read_text())
+    per_rank = [json.loads((out / f"updated_rank{r}.json").read_text()) for r in range(2)]
+    assert per_rank[0] == per_rank[1], per_rank  # every rank took the same steps
+    return per_rank[0]
 
 
 @pytest.mark.parametrize("engine,overrides", [

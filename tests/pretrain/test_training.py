@@ -28,14 +28,16 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def command(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun: bool = True) -> tuple[list, dict]:
-    """A tiny model on 2 ranks under torchrun, or as one plain process: (command line, environment)."""
+def command(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun: bool = True,
+            script: Path = REPO / "launch" / "pretrain.py") -> tuple[list, dict]:
+    """A tiny model on 2 ranks under torchrun, or as one plain process: (command line, environment).
+    `script`: launch/pretrain.py or a job that runs it with something added (e.g. injected faults)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     runner = ([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"] if torchrun
               else [sys.executable])
-    cmd = [*runner, str(REPO / "launch" / "pretrain.py"), f"+stage={stage}", f"run_root={run_root}", "logger=none",
+    cmd = [*runner, str(script), f"+stage={stage}", f"run_root={run_root}", "logger=none",
            "logger.every=1", f"data.train_urls={shards}/train.txt", f"data.val_urls={shards}/val.txt",
            "data.samples_per_epoch=96", "data.val_samples=48", "data.num_workers=1", "data.shuffle_buffer=16",
            "model.img_size=64", "model.window_size=4", "stage.global_batch=8", "stage.micro_batch=2",
