@@ -1,7 +1,9 @@
 """Checkpoints in the run dir: engine state + per-rank client state, a `latest` marker, keep the last K.
 
-A checkpoint counts only once `latest` names it; the marker is written by rank 0 after every rank has
-finished writing, so a crash mid-save leaves the previous checkpoint as the one to resume from.
+A save writes into `<tag>.partial/`, which rank 0 renames to `<tag>/` and then names in `latest` once every
+rank has written its part. A process killed mid-save leaves only a `.partial` folder, which nothing loads and
+the next save removes; a save that fails (disk full, unwritable directory) fails on every rank together and
+leaves `latest` and the older checkpoints as they were.
 """
 from __future__ import annotations
 
@@ -18,14 +20,24 @@ from omegaconf import OmegaConf
 from pretrain import dist
 from pretrain.dist import DistContext
 from pretrain.engine import Engine
+from pretrain.engine.base import SaveFailed, write_error
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+PARTIAL = ".partial"  # suffix of a checkpoint being written
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; `latest` and the older checkpoints are as they were."""
 
 
 def step_tag(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def tag_step(tag: str) -> int:
+    return int(tag.removeprefix("step_"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,31 +62,79 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def client_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"client_rank{rank:05d}.pt"
+
+
+def read_client_states(tag_dir: Path) -> list[dict[str, Any]]:
+    """Every rank's client state of one checkpoint, in rank order, on the CPU (no process group needed)."""
+    saved = len(list(tag_dir.glob("client_rank*.pt")))
+    return [torch.load(client_file(tag_dir, r), map_location="cpu", weights_only=True) for r in range(saved)]
+
+
 class Checkpointer:
     def __init__(self, directory: Path, ctx: DistContext, keep_last: int):
         self.dir, self.ctx, self.keep_last = directory, ctx, keep_last
 
     def _client_file(self, tag: str, rank: int) -> Path:
-        return self.dir / tag / f"client_rank{rank:05d}.pt"
+        return client_file(self.dir / tag, rank)
 
     def latest_tag(self) -> str | None:
         marker = self.dir / LATEST
         return marker.read_text().strip() if marker.exists() else None
 
     def save(self, engine: Engine, step: int, client_state: dict[str, Any]) -> str:
-        """Collective: every rank writes its shard and its own client state."""
+        """Collective: every rank writes its shard and its own client state into `<tag>.partial/`, then rank 0
+        renames it to `<tag>/`, points `latest` at it and prunes. After each of the three phases the ranks agree
+        on the outcome: if any rank's part failed, every rank raises CheckpointError."""
         tag = step_tag(step)
-        engine.save(self.dir, tag)
-        torch.save({**client_state, "step": step, "rng": rng_state()}, self._client_file(tag, self.ctx.rank))
-        dist.barrier()
-        if self.ctx.is_main:
-            tmp = self.dir / f"{LATEST}.tmp"
-            tmp.write_text(tag)
-            tmp.replace(self.dir / LATEST)
-            self._prune()
-            log.info("saved checkpoint %s", self.dir / tag)
-        dist.barrier()
+        partial = self.dir / f"{tag}{PARTIAL}"
+        self._agree(tag, _failure(self._prepare, partial) if self.ctx.is_main else "")
+        client = {**client_state, "step": step, "rng": rng_state()}
+        self._agree(tag, self._write(engine, partial, client))
+        self._agree(tag, _failure(self._commit, partial, tag) if self.ctx.is_main else "")
+        log.info("saved checkpoint %s", self.dir / tag)
         return tag
+
+    def _prepare(self, partial: Path) -> None:
+        for stale in self.dir.glob(f"*{PARTIAL}"):  # what a save killed mid-way left
+            shutil.rmtree(stale)
+        partial.mkdir(parents=True)
+
+    def _write(self, engine: Engine, partial: Path, client: dict[str, Any]) -> str:
+        """This rank's part: "" or why it failed. Any other exception than a write error propagates at once."""
+        try:
+            engine.save(self.dir, partial.name)
+        except SaveFailed as err:  # raised after the engine's collectives: the ranks can still agree
+            return str(err)
+        return _failure(self._write_client, client_file(partial, self.ctx.rank), client)
+
+    @staticmethod
+    def _write_client(path: Path, client: dict[str, Any]) -> None:
+        with open(path, "wb") as f:  # a file object: see write_error
+            torch.save(client, f)
+
+    def _commit(self, partial: Path, tag: str) -> None:
+        final = self.dir / tag
+        if final.exists():  # an earlier save of this step that never became `latest`
+            shutil.rmtree(final)
+        partial.rename(final)
+        tmp = self.dir / f"{LATEST}.tmp"
+        tmp.write_text(tag)
+        tmp.replace(self.dir / LATEST)
+        self._prune()
+
+    def _agree(self, tag: str, error: str) -> None:
+        """Collective: raise CheckpointError on every rank if any rank brings an error."""
+        failed = dist.all_reduce_sum(torch.tensor(float(bool(error)), device=self.ctx.device))
+        if not failed.item():
+            return
+        free_gb = _free_gb(self.dir)  # before rank 0 removes what the attempt wrote (after the gather)
+        reasons = "; ".join(f"rank {r}: {e}" for r, e in enumerate(dist.all_gather_object(error)) if e)
+        if self.ctx.is_main:  # what the failed attempt wrote only takes space
+            shutil.rmtree(self.dir / f"{tag}{PARTIAL}", ignore_errors=True)
+        raise CheckpointError(f"checkpoint save to {self.dir / tag} failed ({reasons}); latest is still "
+                              f"{self.latest_tag() or 'none'}; {free_gb:.3g} GB free there")
 
     def saved_world_size(self, tag: str) -> int:
         return len(list((self.dir / tag).glob("client_rank*.pt")))
@@ -94,7 +154,7 @@ class Checkpointer:
             client = torch.load(self._client_file(tag, self.ctx.rank), weights_only=True)
             set_rng_state(client.pop("rng"))
             return client
-        clients = [torch.load(self._client_file(tag, r), weights_only=True) for r in range(saved)]
+        clients = read_client_states(self.dir / tag)
         if self.ctx.rank < saved:
             set_rng_state(clients[self.ctx.rank]["rng"])
         old = OmegaConf.create(clients[0]["config"]).stage
@@ -106,6 +166,21 @@ class Checkpointer:
         return client
 
     def _prune(self) -> None:
-        tags = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir())
+        tags = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
         for old in tags[:-self.keep_last]:
             shutil.rmtree(self.dir / old, ignore_errors=True)
+
+
+def _failure(phase, *args) -> str:
+    """Run one phase of a save on this rank: "" if it worked, else why not (for the ranks to agree on)."""
+    try:
+        phase(*args)
+        return ""
+    except (OSError, RuntimeError) as err:  # torch.save: see write_error
+        return write_error(err)
+
+
+def _free_gb(path: Path) -> float:
+    while not path.exists():  # a first save may fail before the directory exists
+        path = path.parent
+    return shutil.disk_usage(path).free / 1e9

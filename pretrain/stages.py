@@ -1,9 +1,8 @@
-"""What differs between the two stages: model, data, loss, evaluation, starting weights."""
+"""What differs between the stages: model, data, loss, evaluation, starting weights."""
 from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -16,11 +15,13 @@ from data.shards import ShardLoader, build_loader
 from data.transforms import EvalTransform, MixupCutmix, SimMIMTransform, SupervisedTransform
 from models import SimMIM, SwinTransformerV2, encoder_state_dict, load_pretrained
 from models.flops import simmim_forward_flops, swinv2_forward_flops
-from pretrain import dist, rundir
+from pretrain import dist, rundir, transfer
 from pretrain.checkpoint import LATEST
-from pretrain.config import Config, ConfigError, SimMIMStageConfig, SupervisedStageConfig
+from pretrain.config import (Config, ConfigError, EvalStageConfig, FinetuneStageConfig, SimMIMStageConfig,
+                             SupervisedStageConfig)
 from pretrain.dist import DistContext
-from pretrain.engine import Engine, engine_class
+from pretrain.ema import WeightEMA
+from pretrain.engine import Engine
 from pretrain.loggers import simmim_panel
 from pretrain.optim import build_param_groups
 
@@ -65,12 +66,14 @@ class Stage:
         d = self.cfg.data
         return dict(mean=d.mean, std=d.std, decoder=d.decoder)
 
-    def _loader(self, urls: str, sample_fn, *, samples: int, resampled: bool, collate_fn=None) -> ShardLoader:
+    def _loader(self, urls: str, sample_fn, *, samples: int, resampled: bool, collate_fn=None,
+                shuffle: bool = True) -> ShardLoader:
         d = self.cfg.data
         return build_loader(urls, sample_fn=sample_fn, batch_size=self.cfg.stage.micro_batch, rank=self.ctx.rank,
                             world_size=self.ctx.world_size, num_workers=d.num_workers,
-                            shuffle_buffer=d.shuffle_buffer, resampled=resampled, samples_per_epoch=samples,
-                            seed=self.cfg.seed, collate_fn=collate_fn, num_classes=d.num_classes)
+                            shuffle_buffer=d.shuffle_buffer if shuffle else 1, resampled=resampled,
+                            samples_per_epoch=samples, seed=self.cfg.seed, collate_fn=collate_fn,
+                            num_classes=d.num_classes)
 
     def train_loader(self) -> ShardLoader:
         raise NotImplementedError
@@ -88,6 +91,10 @@ class Stage:
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         return {}
+
+    def weight_ema(self, engine: Engine) -> WeightEMA | None:
+        """An EMA of the weights for the trainer to keep and evaluate beside them, or None."""
+        return None
 
 
 class SimMIMStage(Stage):
@@ -120,9 +127,11 @@ class SimMIMStage(Stage):
 
 
 class SupervisedStage(Stage):
+    auto_source = "simmim"  # the stage of this experiment whose run `init_from: auto` starts from
+
     def __init__(self, cfg: Config, ctx: DistContext):
         super().__init__(cfg, ctx)
-        self.init_dir = self._resolve_init_from()
+        self.source = self.init_source(cfg)
         self._val: ShardLoader | None = None
         self._val_start: dict = {}
 
@@ -132,33 +141,36 @@ class SupervisedStage(Stage):
     def flops_per_image(self) -> int:
         return swinv2_forward_flops(dataclasses.asdict(self.cfg.model), self.cfg.data.num_classes)
 
-    def _resolve_init_from(self) -> Path | None:
-        """The run directory to start from; None to train from scratch or when resuming this run."""
-        init_from = self.cfg.stage.init_from
-        if init_from == "none" or (rundir.checkpoint_dir(rundir.run_dir(self.cfg)) / LATEST).exists():
+    def resuming(self) -> bool:
+        return _resuming(self.cfg)
+
+    @classmethod
+    def init_source(cls, cfg: Config) -> transfer.Source | None:
+        """Where the starting weights come from; None to train from scratch or when resuming this run.
+        config.validate_files calls it on every rank before anything is built: a wrong init_from fails early."""
+        init_from = cfg.stage.init_from
+        if init_from == "none" or _resuming(cfg):
             return None
-        run = rundir.run_dir(self.cfg, "simmim") if init_from == "auto" else Path(init_from)
-        if not (rundir.checkpoint_dir(run) / LATEST).exists() or not (run / rundir.CONFIG_FILE).exists():
-            raise ConfigError(f"stage.init_from={init_from}: no finished run in {run} "
-                              "(run +stage=simmim first, or set stage.init_from=none)")
-        return run
+        spec = rundir.run_dir(cfg, cls.auto_source) if init_from == "auto" else init_from
+        return transfer.resolve_source(str(spec), f"run +stage={cls.auto_source} first, or set stage.init_from")
+
+    def source_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The starting state dict (rank 0 reads it); load_pretrained maps its layout onto `model`."""
+        return transfer.read_weights(self.source)
 
     def initial_weights(self) -> Callable[[nn.Module], None] | None:
-        if self.init_dir is None:
+        if self.source is None:
             return None
-        run = self.init_dir
 
         def load(model: nn.Module) -> None:
-            directory = rundir.checkpoint_dir(run)
-            tag = (directory / LATEST).read_text().strip()
-            saved_by = OmegaConf.load(run / rundir.CONFIG_FILE).engine.name  # its format, not ours
-            full = engine_class(saved_by).read_weights(directory, tag)
-            encoder = encoder_state_dict(full) if any(k.startswith("encoder.") for k in full) else full
+            full = self.source_weights(model)
+            simmim = any(k.startswith("encoder.") for k in full)
+            encoder = encoder_state_dict(full) if simmim else full
             result = load_pretrained(model, encoder)
             dropped = sorted({k.split(".")[0] for k in full if not k.startswith("encoder.")} |
-                             ({"encoder.mask_token"} & set(full)))
-            log.info("init_from %s: loaded %d encoder tensors; dropped %s; new (not loaded) %s",
-                     directory / tag, len(encoder) - len(result.unexpected_keys), dropped, result.missing_keys)
+                             ({"encoder.mask_token"} & set(full))) if simmim else []
+            log.info("init_from %s: loaded %d tensors; dropped %s; new (not loaded) %s",
+                     self.source, len(encoder) - len(result.unexpected_keys), dropped, result.missing_keys)
 
         return load
 
@@ -190,7 +202,10 @@ class SupervisedStage(Stage):
         d, st = self.cfg.data, self.cfg.stage
         if self._val is None:
             transform = EvalTransform(img_size=self.cfg.model.img_size, crop_pct=st.eval_crop_pct, **self.pixels())
-            self._val = self._loader(d.val_urls, transform, samples=d.val_samples, resampled=False)
+            # Unshuffled: shuffle blocks that straddle shards would make a pass repeat some samples and miss
+            # others, differently on each world size; read in order, shards split evenly over the ranks' streams
+            # give every sample once, so 1 and N ranks evaluate the same images.
+            self._val = self._loader(d.val_urls, transform, samples=d.val_samples, resampled=False, shuffle=False)
             self._val_start = self._val.state_dict()
         self._val.load_state_dict(self._val_start)
         batches = st.eval_batches or self._val.batches_per_epoch
@@ -210,9 +225,66 @@ class SupervisedStage(Stage):
         return {"eval/top1": 100 * top1 / n, "eval/top5": 100 * top5 / n, "eval/loss": loss / n, "eval/images": n}
 
 
-def build_stage(cfg: Config, ctx: DistContext) -> Stage:
+class FinetuneStage(SupervisedStage):
+    """Supervised training from a trained classifier at a new image size and window (also the model that
+    +stage=eval evaluates). The CPB meta network's weights load unchanged and see inputs on the scale it was
+    trained at (model.pretrained_window_sizes, taken from the source run when all 0: pretrain/transfer.py);
+    the position buffers are rebuilt for the new window; `stage.class_map` selects head rows, otherwise a
+    head of another class count starts anew."""
+    auto_source = "supervised"
+
+    def __init__(self, cfg: Config, ctx: DistContext):
+        super().__init__(cfg, ctx)
+        st = cfg.stage
+        self.class_rows = transfer.read_class_map(st.class_map, cfg.data.num_classes) if st.class_map else None
+        self.from_ema = False  # +stage=eval stage.ema: start from the EMA the source fine-tune kept
+        # Written into the config, so this run's config.yaml (what a resume and a later eval read) holds them.
+        cfg.model.pretrained_window_sizes = self._pretrained_windows()
+
+    def _pretrained_windows(self) -> list[int]:
+        m = self.cfg.model
+        if any(m.pretrained_window_sizes) or (self.source is None and not self.resuming()):
+            return list(m.pretrained_window_sizes)
+        if self.source is None:  # resuming: the windows this run started with
+            return list(OmegaConf.load(rundir.run_dir(self.cfg) / rundir.CONFIG_FILE).model.pretrained_window_sizes)
+        if self.source.config is None:
+            raise ConfigError(f"model.pretrained_window_sizes: set it, per stage, to the windows the position bias "
+                              f"of {self.source} was trained at (e.g. [12,12,12,6] after 192px/window 12): a "
+                              "weights file does not say")
+        source = self.source.config.model
+        windows = transfer.trained_windows(source)
+        log.info("model.pretrained_window_sizes %s: the windows the position bias of %s was trained at (its "
+                 "img_size %d, window_size %d, pretrained_window_sizes %s)", windows, self.source.path,
+                 source.img_size, source.window_size, list(source.pretrained_window_sizes))
+        return windows
+
+    def weight_ema(self, engine: Engine) -> WeightEMA | None:
+        decay = self.cfg.stage.ema_decay
+        return WeightEMA(engine, decay) if decay > 0 else None
+
+    def source_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if self.from_ema:
+            full = transfer.read_ema_weights(self.source, {k: p.shape for k, p in model.named_parameters()})
+        else:
+            full = super().source_weights(model)
+        if self.class_rows is None:
+            return full
+        return transfer.select_head_rows(full, self.class_rows, self.cfg.stage.class_map)
+
+
+def _resuming(cfg: Config) -> bool:
+    return (rundir.checkpoint_dir(rundir.run_dir(cfg)) / LATEST).exists()
+
+
+def stage_class(cfg: Config) -> type[Stage]:
     if isinstance(cfg.stage, SimMIMStageConfig):
-        return SimMIMStage(cfg, ctx)
+        return SimMIMStage
+    if isinstance(cfg.stage, (FinetuneStageConfig, EvalStageConfig)):
+        return FinetuneStage
     if isinstance(cfg.stage, SupervisedStageConfig):
-        return SupervisedStage(cfg, ctx)
+        return SupervisedStage
     raise ConfigError(f"stage: no stage implementation for {type(cfg.stage).__name__}")
+
+
+def build_stage(cfg: Config, ctx: DistContext) -> Stage:
+    return stage_class(cfg)(cfg, ctx)

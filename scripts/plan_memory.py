@@ -52,7 +52,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
-from pretrain.config import CONF_DIR, Config, DeepSpeedConfig, finalize, register_configs  # noqa: E402
+from pretrain.config import (CONF_DIR, Config, DeepSpeedConfig, SupervisedStageConfig, finalize,  # noqa: E402
+                             register_configs)
 
 GB = 1e9
 ADAM_MOMENTS_BYTES = 8  # exp_avg + exp_avg_sq, fp32
@@ -76,7 +77,7 @@ def compose_config(overrides: list[str]) -> Config:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         raw = compose("config", overrides)
     cfg = finalize(raw, world_size=1)
-    if cfg.stage.name == "supervised":
+    if isinstance(cfg.stage, SupervisedStageConfig):  # supervised and finetune
         cfg.stage.init_from = "none"  # the planner never loads weights
     return cfg
 
