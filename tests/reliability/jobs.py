@@ -1,0 +1,106 @@
+"""A training job (launch/pretrain.py, SimMIM, the tiny model, 2 gloo ranks under torchrun) that a test watches
+and hurts: it finds each rank's process, waits for a logged step or a file, and sends real signals. Whatever
+is still running when the test ends is killed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.pretrain.test_training import REPO, command
+
+
+class Job:
+    def __init__(self, shards: Path, run_root: Path, *overrides: str):
+        cmd, env = command(shards, run_root, "simmim", *overrides)
+        self.run = run_root / "demo" / "simmim"
+        self.checkpoints = self.run / "checkpoints"
+        self.log = run_root / f"job{len(list(run_root.glob('job*.log')))}.log"
+        run_root.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        with open(self.log, "w") as out:  # a file, not a pipe: nobody reads while the test waits
+            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.ranks: dict[int, int] = {}  # rank -> pid, once both have started
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def last_step(self) -> int:
+        """The last step in metrics.jsonl (0 before the first)."""
+        path = self.run / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        for line in reversed(lines):
+            try:
+                return json.loads(line)["step"]
+            except json.JSONDecodeError:  # a line being written
+                continue
+        return 0
+
+    def latest(self) -> str | None:
+        marker = self.checkpoints / "latest"
+        return marker.read_text().strip() if marker.exists() else None
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 240, what: str = "") -> None:
+        """Poll `condition` every 5 ms; fail if the job ends or `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the job ended (status {self.proc.returncode}) before {what}:\n{self.output()[-5000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {timeout} s:\n{self.output()[-5000:]}")
+            time.sleep(0.005)
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of the worker process of `rank` (torchrun's child with RANK=rank in its environment)."""
+        self.wait_for(lambda: len(self._find_ranks()) == 2, what="both ranks")
+        return self.ranks[rank]
+
+    def _find_ranks(self) -> dict[int, int]:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == self.proc.pid:
+                    environ = dict(v.split("=", 1) for v in (stat.parent / "environ").read_text().split("\0") if "=" in v)
+                    self.ranks[int(environ["RANK"])] = int(stat.parent.name)
+            except (OSError, IndexError, KeyError, ValueError):  # a process that ended meanwhile
+                continue
+        return self.ranks
+
+    def signal_rank(self, rank: int, sig: signal.Signals) -> None:
+        os.kill(self.rank_pid(rank), sig)
+
+    def wait(self, timeout: float = 120) -> int:
+        """torchrun's exit status."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the job did not end within {timeout} s:\n{self.output()[-5000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL every rank (with its data loader workers: each rank leads its own process group) and torchrun."""
+        if self.proc.poll() is None:
+            self._find_ranks()
+        for pid in self.ranks.values():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()

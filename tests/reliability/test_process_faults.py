@@ -1,0 +1,176 @@
+"""Ranks that die or hang and checkpoints that cannot be written, for real, in a 2-rank training job (DeepSpeed
+ZeRO-3, gloo): SIGKILL and SIGSTOP of one rank, SIGKILL of the whole job in the middle of a save, a full and a
+read-only file system (a tmpfs mounted on the run's checkpoint directory). The job ends without hanging and
+names the rank or the path; `latest` always names a complete checkpoint; a relaunch goes on exactly as the
+uninterrupted run."""
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import PARTIAL, step_tag, tag_step
+from pretrain.dist import PEER_REPORT_WAIT_S
+from pretrain.engine.deepspeed import DeepSpeedEngine
+from pretrain.loggers import read_metrics
+from tests.pretrain.test_training import launch, shards  # noqa: F401 (the fixture)
+from tests.reliability.jobs import Job
+
+pytestmark = pytest.mark.dist
+
+TIMEOUT_S = 10  # resilience.collective_timeout_s: long enough for a loaded 2-core machine
+REPORT_WAIT_S = min(TIMEOUT_S / 2, PEER_REPORT_WAIT_S)
+STEPS = 6
+ARGS = (f"stage.steps={STEPS}", "checkpoint.every_steps=2", "stage.mask_patch_size=16",
+        f"resilience.collective_timeout_s={TIMEOUT_S}")
+SILENT_RANK_1 = f"rank 1 sent no report within {REPORT_WAIT_S:g} s: killed, stopped or hung"
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:  # noqa: F811
+    """The uninterrupted run (every checkpoint kept) that each hurt run is compared with: its run dir."""
+    root = tmp_path_factory.mktemp("reference")
+    launch(shards, root, "simmim", *ARGS, f"checkpoint.keep_last={STEPS // 2}")
+    return root / "demo" / "simmim"
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return DeepSpeedEngine.read_weights(run / "checkpoints", step_tag(step))
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def assert_same_losses(run: Path, reference: Path, steps: range) -> None:
+    got, expected = ({r["step"]: r["train/loss"] for r in read_metrics(path)} for path in (run, reference))
+    assert [got.get(s) for s in steps] == [expected[s] for s in steps]
+
+
+def saving(job: Job) -> Path | None:
+    """A checkpoint folder this job is writing while an earlier one is `latest` (not one an earlier job left)."""
+    if job.latest() is None:
+        return None
+    for partial in job.checkpoints.glob(f"*{PARTIAL}"):
+        try:
+            if partial.stat().st_mtime >= job.started and any(f.stat().st_size for f in partial.iterdir()):
+                return partial
+        except OSError:  # renamed meanwhile
+            continue
+    return None
+
+
+def kill_while_saving(job: Job) -> Path:
+    """Stop both ranks while they write a checkpoint and SIGKILL the job there (retried at the next save if
+    that one completed before the ranks stopped); the partial checkpoint folder it leaves."""
+    while True:
+        job.wait_for(lambda: saving(job) is not None, what="a save in progress")
+        partial = saving(job)
+        for rank in (0, 1):
+            job.signal_rank(rank, signal.SIGSTOP)
+        if partial is not None and partial.exists():
+            job.kill()
+            return partial
+        for rank in (0, 1):
+            job.signal_rank(rank, signal.SIGCONT)
+        job.wait_for(lambda: not any(job.checkpoints.glob(f"*{PARTIAL}")), what="the save's end")
+
+
+def test_a_killed_rank_and_a_kill_in_the_middle_of_a_save_each_resume_like_the_uninterrupted_run(  # noqa: F811
+        shards, reference, tmp_path):
+    args = (*ARGS, "checkpoint.keep_last=2")
+    # 1. SIGKILL rank 1. It is stopped first, so that rank 0 waits for it in a collective when it dies (as ranks
+    # mostly do); otherwise torchrun's teardown of rank 0 may come before rank 0 notices, and only torchrun
+    # names rank 1.
+    with Job(shards, tmp_path, *args) as job:
+        job.wait_for(lambda: job.last_step() >= 3, what="step 3")
+        job.signal_rank(1, signal.SIGSTOP)
+        time.sleep(1)
+        job.signal_rank(1, signal.SIGKILL)
+        killed = time.monotonic()
+        assert job.wait() != 0
+        ended_s = time.monotonic() - killed
+    out = job.output()
+    assert ended_s < REPORT_WAIT_S + 20, out[-5000:]  # no hang: the peer's report wait, then the teardown
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", out), out[-5000:]  # torchrun's summary
+    assert "rank 0: a collective failed" in out and SILENT_RANK_1 in out, out[-5000:]
+    tag = job.latest()
+    assert tag is not None and tag_step(tag) < STEPS
+
+    # 2. The relaunch resumes from the last complete checkpoint; SIGKILL both ranks in the middle of a save.
+    with Job(shards, tmp_path, *args) as job:
+        partial = kill_while_saving(job)
+    assert f"resumed from {job.checkpoints / tag} at step {tag_step(tag)}" in job.output()
+    tag, saved = job.latest(), partial.name.removesuffix(PARTIAL)
+    assert tag_step(tag) < tag_step(saved) and not (job.checkpoints / saved).exists(), (tag, saved)
+
+    # 3. The next relaunch ignores the partial checkpoint, resumes from the one before, redoes that save and
+    # ends where the uninterrupted run did: every step's loss (the relaunches' rows replace the killed runs'),
+    # the final weights, the checkpoints kept.
+    out = launch(shards, tmp_path, "simmim", *args)
+    assert f"resumed from {job.checkpoints / tag} at step {tag_step(tag)}" in out
+    assert_same_losses(job.run, reference, range(1, STEPS + 1))
+    assert_same_weights(weights(job.run, STEPS), weights(reference, STEPS))
+    assert sorted(p.name for p in job.checkpoints.glob("step_*")) == [step_tag(STEPS - 2), step_tag(STEPS)]
+
+
+def test_a_hung_rank_is_named_once_the_collective_timeout_ends_the_job(shards, tmp_path):  # noqa: F811
+    with Job(shards, tmp_path, *ARGS) as job:
+        job.wait_for(lambda: job.last_step() >= 2, what="step 2")
+        job.signal_rank(1, signal.SIGSTOP)
+        stopped = time.monotonic()
+        job.wait_for(lambda: SILENT_RANK_1 in job.output(), timeout=TIMEOUT_S + 60, what="a report naming rank 1")
+        named_s = time.monotonic() - stopped
+        job.wait_for(lambda: "closing signal SIGTERM" in job.output(), what="torchrun's teardown")
+        # torchrun's SIGTERM cannot end a stopped process (it would SIGKILL it 30 s later): the operator's kill
+        job.signal_rank(1, signal.SIGKILL)
+        assert job.wait() != 0
+    out = job.output()
+    assert TIMEOUT_S - 2 < named_s < TIMEOUT_S + REPORT_WAIT_S + 20, named_s
+    assert f"Timed out waiting {TIMEOUT_S * 1000}ms" in out
+    # torchrun blames the first rank to exit, rank 0; its recorded error names the hung one
+    root_cause = out.split("Root Cause (first observed failure)")[-1]
+    assert "rank      : 0" in root_cause and "PeerFailure" in root_cause and SILENT_RANK_1 in root_cause
+
+
+@pytest.fixture
+def small_disk(tmp_path, reference) -> Path:
+    """A tmpfs on the run's checkpoint directory with room for 1.5 checkpoints: the second save fills it."""
+    where = tmp_path / "demo" / "simmim" / "checkpoints"
+    where.mkdir(parents=True)
+    one = sum(f.stat().st_size for f in (reference / "checkpoints" / step_tag(2)).iterdir())
+    size = int(1.5 * one) + (1 << 20)  # + DeepSpeed's recovery scripts, beside the checkpoints
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"a tmpfs cannot be mounted here (needs root): {mount.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+def test_a_full_then_read_only_disk_fails_the_save_and_keeps_the_last_checkpoint(shards, reference,  # noqa: F811
+                                                                                  small_disk, tmp_path):
+    with Job(shards, tmp_path, *ARGS) as job:
+        assert job.wait() != 0
+    out = job.output()
+    # every rank names the checkpoint and why; `latest` and the step-2 checkpoint are as they were
+    assert f"checkpoint save to {small_disk / step_tag(4)} failed" in out, out[-5000:]
+    assert "No space left on device" in out
+    assert job.latest() == step_tag(2) and not (small_disk / step_tag(4)).exists()
+    assert_same_weights(weights(job.run, 2), weights(reference, 2))
+
+    # A read-only file system: the relaunch resumes from step 2, trains as the reference did, fails its save
+    subprocess.run(["mount", "-o", "remount,ro,size=1g", str(small_disk)], check=True)
+    with Job(shards, tmp_path, *ARGS) as job:
+        assert job.wait() != 0
+    out = job.output()
+    assert f"resumed from {small_disk / step_tag(2)} at step 2" in out
+    assert_same_losses(job.run, reference, range(1, 5))  # the steps it trained, 3 and 4, as the reference
+    assert f"checkpoint save to {small_disk / step_tag(4)} failed" in out and "Read-only file system" in out
+    assert out.count(f"latest is still {step_tag(2)}") >= 2, out[-5000:]  # on both ranks
+    assert job.latest() == step_tag(2)
