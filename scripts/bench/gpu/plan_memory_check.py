@@ -1,6 +1,6 @@
 """Manual GPU check of scripts/plan_memory.py (not collected by pytest: needs CUDA).
 
-For SimMIM models in bf16 on one GPU (the model in bf16 as the DeepSpeed engine runs it, no optimizer):
+For SimMIM models (and the SwinV2-G fine-tune recipe's classifier) in bf16 on one GPU (the model in bf16 as the DeepSpeed engine runs it, no optimizer):
 activation bytes the planner predicts on the meta device (GPU attention kernel) vs torch.cuda's allocated
 bytes after the forward, and its peak (saved + one recompute, plus parameter gradients) vs
 max_memory_allocated during backward. Then the SwinV2-G fwd+bwd MFU on this GPU, for the GPU-days estimate.
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from models import simmim_forward_flops  # noqa: E402
 from pretrain.metrics import peak_flops_per_s  # noqa: E402
-from pretrain.stages import SimMIMStage  # noqa: E402
+from pretrain.stages import SimMIMStage, SupervisedStage  # noqa: E402
 from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of,  # noqa: E402
                                  saved_activation_bytes)
 
@@ -33,12 +33,15 @@ CASES = [
     (["model=swinv2_giant", "model.grad_checkpointing=torch"], 4),
     (["model=swinv2_giant", "model.grad_checkpointing=torch", "model.img_size=768", "model.window_size=24",
       "stage.mask_patch_size=32"], 1),
+    (["+experiment=swinv2_giant_in1k_ft", "+stage=finetune"], 1),  # the 640/w40 fine-tune recipe
+    (["+experiment=swinv2_giant_in1k_ft", "+stage=finetune", "model.grad_checkpointing=none"], 1),
 ]
 
 
 def cuda_model(cfg):
+    stage = SimMIMStage if cfg.stage.name == "simmim" else SupervisedStage  # the classifier for supervised/finetune
     with torch.device("meta"):
-        model = SimMIMStage(cfg, ctx=None).build_model()
+        model = stage(cfg, ctx=None).build_model()
     model.to_empty(device="cuda")
     model.init_weights()
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
