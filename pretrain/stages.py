@@ -238,6 +238,11 @@ class FinetuneStage(SupervisedStage):
         st = cfg.stage
         self.class_rows = transfer.read_class_map(st.class_map, cfg.data.num_classes) if st.class_map else None
         self.from_ema = False  # +stage=eval stage.ema: start from the EMA the source fine-tune kept
+        if self.source is not None and self.source.config is not None:
+            trained = self.source.config.model.get("cpb_coords", "log")  # runs from before the option: log
+            if trained != cfg.model.cpb_coords:
+                raise ConfigError(f"model.cpb_coords={cfg.model.cpb_coords}: {self.source.path} was trained with "
+                                  f"{trained} coordinates, which its position bias weights only fit")
         # Written into the config, so this run's config.yaml (what a resume and a later eval read) holds them.
         cfg.model.pretrained_window_sizes = self._pretrained_windows()
 

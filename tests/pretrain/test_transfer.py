@@ -87,6 +87,13 @@ def test_finetune_takes_the_source_runs_windows_and_rebuilds_the_position_tables
     assert torch.equal(new[2:-2, 2:-2], old)
 
 
+def test_the_position_bias_coordinates_must_be_the_sources(tmp_path):
+    fake_run(tmp_path, *SMALL, "model.cpb_coords=linear")
+    with pytest.raises(ConfigError, match="model.cpb_coords=log: .* was trained with linear coordinates"):
+        FinetuneStage(config("finetune", tmp_path), CTX)
+    FinetuneStage(config("finetune", tmp_path, "model.cpb_coords=linear"), CTX)
+
+
 def test_explicit_windows_win_and_a_weights_file_needs_them(tmp_path):
     weights = tmp_path / "export.pth"
     torch.save({"model": {}}, weights)
