@@ -6,7 +6,7 @@ NPROC ?= 2
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv pretrain test bench demo-data clean
+.PHONY: venv pretrain test soak bench transfer demo-data clean
 
 venv: $(VENV)/.installed
 
@@ -25,8 +25,14 @@ pretrain: demo-data
 test: venv
 	$(VENV)/bin/pytest -q
 
+soak: venv  # minutes: thousands of steps with repeated kills and relaunches (docs/RELIABILITY.md)
+	$(VENV)/bin/pytest -q -m soak tests/reliability/test_soak.py
+
 bench: venv
 	$(PY) -m scripts.bench
+
+transfer: venv  # the small Table 1 of docs/PERFORMANCE.md: log vs linear CPB across sizes and windows
+	$(PY) -m scripts.transfer_table --nproc $(NPROC)
 
 clean:
 	rm -rf runs demo_shards .pytest_cache

@@ -1,6 +1,6 @@
 """A training job (launch/pretrain.py, SimMIM, the tiny model, 2 gloo ranks under torchrun) that a test watches
 and hurts: it finds each rank's process, waits for a logged step or a file, and sends real signals. Whatever
-is still running when the test ends is killed."""
+is still running when the test ends is killed. And the comparisons of a hurt run with an uninterrupted one."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
+from pretrain.checkpoint import PARTIAL, step_tag
+from pretrain.engine.deepspeed import DeepSpeedEngine
+from pretrain.loggers import read_metrics
 from tests.pretrain.test_training import REPO, command
 
 
@@ -41,7 +45,11 @@ class Job:
     def last_step(self) -> int:
         """The last step in metrics.jsonl (0 before the first)."""
         path = self.run / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
+        if not path.exists():
+            return 0
+        with open(path, "rb") as f:  # only the end: a long run's file is read many times a second
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = f.read().decode(errors="replace").splitlines()
         for line in reversed(lines):
             try:
                 return json.loads(line)["step"]
@@ -53,15 +61,16 @@ class Job:
         marker = self.checkpoints / "latest"
         return marker.read_text().strip() if marker.exists() else None
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float = 240, what: str = "") -> None:
-        """Poll `condition` every 5 ms; fail if the job ends or `timeout` passes first."""
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 240, what: str = "",
+                 poll_s: float = 0.05) -> None:
+        """Poll `condition`; fail if the job ends or `timeout` passes first."""
         deadline = time.monotonic() + timeout
         while not condition():
             if self.proc.poll() is not None:
                 pytest.fail(f"the job ended (status {self.proc.returncode}) before {what}:\n{self.output()[-5000:]}")
             if time.monotonic() > deadline:
                 pytest.fail(f"no {what} within {timeout} s:\n{self.output()[-5000:]}")
-            time.sleep(0.005)
+            time.sleep(poll_s)
 
     def rank_pid(self, rank: int) -> int:
         """The pid of the worker process of `rank` (torchrun's child with RANK=rank in its environment)."""
@@ -81,6 +90,34 @@ class Job:
 
     def signal_rank(self, rank: int, sig: signal.Signals) -> None:
         os.kill(self.rank_pid(rank), sig)
+
+    def saving(self) -> Path | None:
+        """A checkpoint folder this job is writing while an earlier one is `latest` (not one an earlier job
+        left)."""
+        if self.latest() is None:
+            return None
+        for partial in self.checkpoints.glob(f"*{PARTIAL}"):
+            try:
+                if partial.stat().st_mtime >= self.started and any(f.stat().st_size for f in partial.iterdir()):
+                    return partial
+            except OSError:  # renamed meanwhile
+                continue
+        return None
+
+    def kill_while_saving(self) -> Path:
+        """Stop both ranks while they write a checkpoint and SIGKILL the job there (retried at the next save if
+        that one completed before the ranks stopped); the partial checkpoint folder it leaves."""
+        while True:
+            self.wait_for(lambda: self.saving() is not None, what="a save in progress", timeout=1800, poll_s=0.002)
+            partial = self.saving()
+            for rank in (0, 1):
+                self.signal_rank(rank, signal.SIGSTOP)
+            if partial is not None and partial.exists():
+                self.kill()
+                return partial
+            for rank in (0, 1):
+                self.signal_rank(rank, signal.SIGCONT)
+            self.wait_for(lambda: not any(self.checkpoints.glob(f"*{PARTIAL}")), what="the save's end")
 
     def wait(self, timeout: float = 120) -> int:
         """torchrun's exit status."""
@@ -104,3 +141,18 @@ class Job:
         except ProcessLookupError:
             pass
         self.proc.wait()
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return DeepSpeedEngine.read_weights(run / "checkpoints", step_tag(step))
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def assert_same_losses(run: Path, reference: Path, steps: range) -> None:
+    got, expected = ({r["step"]: r["train/loss"] for r in read_metrics(path)} for path in (run, reference))
+    assert [got.get(s) for s in steps] == [expected[s] for s in steps]

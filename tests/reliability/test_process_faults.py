@@ -10,14 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pretrain.checkpoint import PARTIAL, step_tag, tag_step
 from pretrain.dist import PEER_REPORT_WAIT_S
-from pretrain.engine.deepspeed import DeepSpeedEngine
-from pretrain.loggers import read_metrics
 from tests.pretrain.test_training import launch, shards  # noqa: F401 (the fixture)
-from tests.reliability.jobs import Job
+from tests.reliability.jobs import Job, assert_same_losses, assert_same_weights, weights
 
 pytestmark = pytest.mark.dist
 
@@ -35,50 +32,6 @@ def reference(shards, tmp_path_factory) -> Path:  # noqa: F811
     root = tmp_path_factory.mktemp("reference")
     launch(shards, root, "simmim", *ARGS, f"checkpoint.keep_last={STEPS // 2}")
     return root / "demo" / "simmim"
-
-
-def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return DeepSpeedEngine.read_weights(run / "checkpoints", step_tag(step))
-
-
-def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == expected.keys()
-    for name, value in expected.items():
-        assert torch.equal(got[name], value), name
-
-
-def assert_same_losses(run: Path, reference: Path, steps: range) -> None:
-    got, expected = ({r["step"]: r["train/loss"] for r in read_metrics(path)} for path in (run, reference))
-    assert [got.get(s) for s in steps] == [expected[s] for s in steps]
-
-
-def saving(job: Job) -> Path | None:
-    """A checkpoint folder this job is writing while an earlier one is `latest` (not one an earlier job left)."""
-    if job.latest() is None:
-        return None
-    for partial in job.checkpoints.glob(f"*{PARTIAL}"):
-        try:
-            if partial.stat().st_mtime >= job.started and any(f.stat().st_size for f in partial.iterdir()):
-                return partial
-        except OSError:  # renamed meanwhile
-            continue
-    return None
-
-
-def kill_while_saving(job: Job) -> Path:
-    """Stop both ranks while they write a checkpoint and SIGKILL the job there (retried at the next save if
-    that one completed before the ranks stopped); the partial checkpoint folder it leaves."""
-    while True:
-        job.wait_for(lambda: saving(job) is not None, what="a save in progress")
-        partial = saving(job)
-        for rank in (0, 1):
-            job.signal_rank(rank, signal.SIGSTOP)
-        if partial is not None and partial.exists():
-            job.kill()
-            return partial
-        for rank in (0, 1):
-            job.signal_rank(rank, signal.SIGCONT)
-        job.wait_for(lambda: not any(job.checkpoints.glob(f"*{PARTIAL}")), what="the save's end")
 
 
 def test_a_killed_rank_and_a_kill_in_the_middle_of_a_save_each_resume_like_the_uninterrupted_run(  # noqa: F811
@@ -104,7 +57,7 @@ def test_a_killed_rank_and_a_kill_in_the_middle_of_a_save_each_resume_like_the_u
 
     # 2. The relaunch resumes from the last complete checkpoint; SIGKILL both ranks in the middle of a save.
     with Job(shards, tmp_path, *args) as job:
-        partial = kill_while_saving(job)
+        partial = job.kill_while_saving()
     assert f"resumed from {job.checkpoints / tag} at step {tag_step(tag)}" in job.output()
     tag, saved = job.latest(), partial.name.removesuffix(PARTIAL)
     assert tag_step(tag) < tag_step(saved) and not (job.checkpoints / saved).exists(), (tag, saved)
