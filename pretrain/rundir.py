@@ -6,6 +6,7 @@ runs/<experiment>/<stage>/
   wandb/, wandb_run_id        wandb offline runs and the id a resumed job continues (logger=wandb)
   checkpoints/latest          tag of the newest complete checkpoint
   checkpoints/<tag>/          engine files + client_rank<r>.pt per rank
+  checkpoints/<tag>.partial/  a save in progress or killed (pretrain.checkpoint: never loaded)
 """
 from __future__ import annotations
 
