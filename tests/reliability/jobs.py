@@ -31,7 +31,7 @@ class Job:
         with open(self.log, "w") as out:  # a file, not a pipe: nobody reads while the test waits
             self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        self.ranks: dict[int, int] = {}  # rank -> pid, once both have started
+        self.ranks: dict[int, int] = {}  # rank -> pid of torchrun's children, as last looked up
 
     def __enter__(self) -> Job:
         return self
@@ -74,15 +74,18 @@ class Job:
 
     def rank_pid(self, rank: int) -> int:
         """The pid of the worker process of `rank` (torchrun's child with RANK=rank in its environment)."""
-        self.wait_for(lambda: len(self._find_ranks()) == 2, what="both ranks")
+        self.wait_for(lambda: rank in self._find_ranks(), what=f"rank {rank}'s process")
         return self.ranks[rank]
 
     def _find_ranks(self) -> dict[int, int]:
+        """torchrun's children now, by rank (a child that ended is still a zombie until torchrun reaps it)."""
+        self.ranks = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
                 if ppid == self.proc.pid:
-                    environ = dict(v.split("=", 1) for v in (stat.parent / "environ").read_text().split("\0") if "=" in v)
+                    variables = (stat.parent / "environ").read_text().split("\0")
+                    environ = dict(v.split("=", 1) for v in variables if "=" in v)
                     self.ranks[int(environ["RANK"])] = int(stat.parent.name)
             except (OSError, IndexError, KeyError, ValueError):  # a process that ended meanwhile
                 continue
@@ -128,18 +131,13 @@ class Job:
             pytest.fail(f"the job did not end within {timeout} s:\n{self.output()[-5000:]}")
 
     def kill(self) -> None:
-        """SIGKILL every rank (with its data loader workers: each rank leads its own process group) and torchrun."""
-        if self.proc.poll() is None:
-            self._find_ranks()
-        for pid in self.ranks.values():
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL every rank (with its data loader workers: each rank leads its own process group) and torchrun.
+        Nothing once torchrun has ended: it waits for its ranks, and their pids may belong to others by now."""
+        if self.proc.poll() is not None:
+            return
+        for pid in self._find_ranks().values():
+            os.killpg(pid, signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
 
