@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from models.swinv2 import block_window
 from pretrain import rundir
 from pretrain.checkpoint import LATEST, read_client_states, tag_step
 from pretrain.config import ConfigError
@@ -67,6 +68,9 @@ def read_weights(source: Source) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise ValueError(f"stage.init_from={source.path}: not a plain tensor file (it pickles objects, which are "
                          f"never loaded): {str(err).splitlines()[0]}") from None
+    except (EOFError, KeyError, IndexError, RuntimeError) as err:  # empty, truncated or not torch's format at all
+        raise ValueError(f"stage.init_from={source.path}: not a torch checkpoint file "
+                         f"({type(err).__name__}: {err})") from None
     return state["model"] if isinstance(state.get("model"), dict) else state
 
 
@@ -86,10 +90,9 @@ def trained_windows(model: Any) -> list[int]:
     """Per stage, the window size the position bias of a model with this config was trained at: its own
     `pretrained_window_sizes` where set (a fine-tune of a fine-tune keeps the first scale), else its window,
     clamped to the stage's feature map as the model clamps it."""
-    n = len(model.depths)
-    maps = [model.img_size // model.patch_size // 2 ** i for i in range(n)]
-    given = list(model.pretrained_window_sizes)
-    return [given[i] if given[i] > 0 else min(model.window_size, maps[i]) for i in range(n)]
+    maps = [model.img_size // model.patch_size // 2 ** i for i in range(len(model.depths))]
+    return [given if given > 0 else block_window(resolution, model.window_size)
+            for given, resolution in zip(model.pretrained_window_sizes, maps)]
 
 
 def read_class_map(path: str, num_classes: int) -> list[int]:

@@ -111,6 +111,14 @@ def test_a_missing_source_is_named(tmp_path):
         FinetuneStage(config("eval", tmp_path, "stage.init_from=/nowhere"), CTX)
 
 
+@pytest.mark.parametrize("content", [b"", b"hello", b"PK\x03\x04 truncated zip"])
+def test_a_weights_file_that_is_not_a_torch_checkpoint_is_named(content, tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"stage.init_from={path}: not a"):
+        transfer.read_weights(transfer.resolve_source(str(path), ""))
+
+
 def test_class_map_selects_head_rows(tmp_path):
     path = tmp_path / "map.txt"
     path.write_text("7\n2\n9\n")
