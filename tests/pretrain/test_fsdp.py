@@ -16,7 +16,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from data.demo import write_demo_shards
 from models import SimMIM
 from pretrain.config import CONF_DIR, ConfigError, finalize, register_configs
 from pretrain.engine import engine_class
@@ -32,11 +31,8 @@ TINY = ("model.img_size=32", "model.window_size=4", "stage.mask_patch_size=8", "
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    write_demo_shards(str(out), num_classes=4, train_samples=64, val_samples=8, samples_per_shard=8, image_size=40,
-                      seed=0)
-    return out
+def shards(small_shards) -> Path:
+    return small_shards(image_size=40)
 
 
 def compose_cfg(*overrides: str):

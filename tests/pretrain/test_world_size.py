@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from data.demo import write_demo_shards
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -19,11 +18,8 @@ pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    write_demo_shards(str(out), num_classes=4, train_samples=64, val_samples=8, samples_per_shard=8, image_size=16,
-                      seed=0)
-    return out
+def shards(small_shards) -> Path:
+    return small_shards(image_size=16)
 
 
 def job(nproc: int, out: Path, engine: str, shards: Path, *args: str) -> tuple[dict, str]:
