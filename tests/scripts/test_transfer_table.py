@@ -13,7 +13,7 @@ def test_smallest_table_has_every_row_and_transfers_the_training_windows(tmp_pat
     shards = tmp_path / "shards"
     write_demo_shards(str(shards), num_classes=10, train_samples=96, val_samples=48, samples_per_shard=24,
                       image_size=(80, 64), seed=0)
-    main(["--train", "32/2", "--larger", "64/4", "--window-only", "32/4", "--train-steps", "2",
+    main(["--train", "32/2", "--eval-at", "64/4", "32/4", "--finetune-at", "64/4", "--train-steps", "2",
           "--finetune-steps", "2", "--seeds", "0", "--run-root", str(tmp_path / "runs"), "--",
           f"data.train_urls={shards}/train.txt", f"data.val_urls={shards}/val.txt", "data.samples_per_epoch=96",
           "data.val_samples=48", "data.num_workers=1", "data.shuffle_buffer=16", "stage.global_batch=8",
@@ -34,8 +34,8 @@ def test_smallest_table_has_every_row_and_transfers_the_training_windows(tmp_pat
 
 def test_table_adds_a_mean_row_per_coords_over_seeds():
     args = parse_args(["--seeds", "0", "1", "--coords", "log"])
-    rows = [dict(coords="log", seed=s, train=50.0 + s, larger=60.0, window_only=40.0, finetuned=70.0 + 2 * s)
-            for s in (0, 1)]
+    rows = [dict(coords="log", seed=s, top1=[50.0 + s, 60.0, 40.0, 30.0, 20.0, 70.0 + 2 * s]) for s in (0, 1)]
     table = format_table(rows, args).splitlines()
-    assert table[0].startswith("| CPB coords | seed | trained 64/w4 | 128/w8, no fine-tune | 64/w8, no fine-tune")
-    assert table[-1] == "| log | mean | 50.5 | 60.0 | 40.0 | 71.0 |"
+    assert table[0] == ("| CPB coords | seed | trained 64/w4 | 128/w8, no fine-tune | 256/w16, no fine-tune "
+                        "| 64/w8, no fine-tune | 64/w16, no fine-tune | 256/w16, fine-tuned 40 steps |")
+    assert table[-1] == "| log | mean | 50.5 | 60.0 | 40.0 | 30.0 | 20.0 | 71.0 |"
