@@ -1,6 +1,7 @@
 """Distributed context: torchrun, SLURM srun, or one plain process, all seen through torchrun's variables."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import signal
@@ -71,6 +72,9 @@ def init(timeout_s: float = 1800) -> DistContext:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    # A native abort (gloo, DeepSpeed's C++ ops) then prints every thread's Python stack. torchrun's @record
+    # does this for launch/pretrain.py; this covers every other script that starts a process group.
+    faulthandler.enable(all_threads=True)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     return DistContext(rank, world, local_rank, device)
