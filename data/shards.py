@@ -23,8 +23,15 @@ How a rank's batches are made
   the global number of samples delivered carry over. Resampled streams have no passes: the new streams
   simply continue after the furthest old shard draw.
 
+Labels: a stage that needs them (`labels=True`) takes a sample's label from its `.cls` member, else from the key
+`label_key` of its `.json` member (parsed as JSON, never unpickled); a stage without labels (SimMIM) reads only
+the image, so shards of bare images (jpg/jpeg/png/webp) serve it.
+
+One pass (`one_pass()`, for evaluation): every stream reads its share of the shards once, in order, and ends
+with a last batch that may be short; together the streams of all ranks read every sample exactly once.
+
 Bad data never stops the run: an undecodable image (garbage bytes, zero bytes, no image member) is counted in
-`bad_image`, a missing, non-integer or out-of-range label in `bad_label`, and a shard read that failed (missing
+`bad_image`, a missing, non-integer or out-of-range label (where labels are needed) in `bad_label`, and a shard read that failed (missing
 or deleted file, a pipe or URL that exits non-zero such as curl's 404, a tar that is truncated or garbage from
 byte 0) in `shard_errors`, once per read, with a warning naming the shard; the samples read before the error are
 used. `ShardLoader.stats()` sums the counts over workers in the main process. Only when a stream has opened at
@@ -33,6 +40,7 @@ fail, naming them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -199,8 +207,15 @@ def _readable(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in READ_EXTS
 
 
-def _parse_label(sample: dict, num_classes: int | None) -> int:
-    label = int(sample["cls"].decode().strip())
+def _parse_label(sample: dict, label_key: str, num_classes: int | None) -> int:
+    if "cls" in sample:
+        label = int(sample["cls"].decode().strip())
+    elif label_key and "json" in sample:
+        label = json.loads(sample["json"])[label_key]
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f"json {label_key!r} is {label!r}, not an integer")
+    else:
+        raise KeyError("no label member")
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise ValueError(f"label {label} out of range")
     return label
@@ -219,12 +234,14 @@ class _BatchStreams(IterableDataset):
     """Yields collated batches of one rank; each batch carries its stream's position under `_state`."""
 
     def __init__(self, shards, *, sample_fn, collate_fn, batch_size, rank, world_size, num_workers,
-                 shuffle_buffer, resampled, seed, num_classes):
+                 shuffle_buffer, resampled, seed, labels, label_key, num_classes):
         self.shards, self.sample_fn, self.collate_fn, self.batch_size = shards, sample_fn, collate_fn, batch_size
         self.rank, self.num_streams, self.shuffle_buffer = rank, max(num_workers, 1), shuffle_buffer
-        self.world_size, self.resampled, self.seed, self.num_classes = world_size, resampled, seed, num_classes
+        self.world_size, self.resampled, self.seed = world_size, resampled, seed
+        self.labels, self.label_key, self.num_classes = labels, label_key, num_classes
         self.states = [StreamState(stream=w) for w in range(self.num_streams)]
         self.rotation = 0  # physical worker i runs logical stream (i + rotation) % W
+        self.one_pass = False  # True: each stream reads its shards of the first pass once, then ends
 
     def __iter__(self):
         info = get_worker_info()
@@ -233,26 +250,40 @@ class _BatchStreams(IterableDataset):
         g = self.rank * self.num_streams + w
         samples = self._samples(state, g)
         while True:
+            # torch, Python and numpy draw the augmentations (torchvision uses torch's generator, timm Python's
+            # and numpy's): all three are seeded per batch and given back afterwards
             with torch.random.fork_rng(devices=[]):
-                py_state = random.getstate()
+                py_state, np_state = random.getstate(), np.random.get_state()
                 torch.manual_seed(_seed(self.seed, g, state.batches))
                 random.seed(_seed(self.seed, g, state.batches, 1))
-                batch, bad_run = [], 0
-                while len(batch) < self.batch_size:
-                    sample = next(samples)
-                    item = self._decode(sample, state.counts)
-                    if item is not None:
-                        batch.append(item)
-                        bad_run = 0
-                    elif (bad_run := bad_run + 1) >= MAX_BAD_RUN:
-                        raise RuntimeError(f"stream {g}: {bad_run} samples in a row were unusable (last "
-                                           f"{sample.get('__key__')!r} in {sample.get('__url__')!r}); "
-                                           f"loader.stats() counts why")
-                batch = self.collate_fn(batch)
-                random.setstate(py_state)
+                np.random.seed(_seed(self.seed, g, state.batches, 2))
+                try:
+                    batch = self._batch(samples, state.counts, g)
+                finally:
+                    random.setstate(py_state)
+                    np.random.set_state(np_state)
+            if batch is None:
+                return
             state.batches += 1
             batch["_state"] = asdict(state)
             yield batch
+
+    def _batch(self, samples: Iterator[dict], counts: dict, g: int) -> dict | None:
+        """The next collated batch; short only at the end of a one-pass stream, None once that is used up."""
+        batch, bad_run = [], 0
+        while len(batch) < self.batch_size:
+            sample = next(samples, None)
+            if sample is None:
+                break
+            item = self._decode(sample, counts)
+            if item is not None:
+                batch.append(item)
+                bad_run = 0
+            elif (bad_run := bad_run + 1) >= MAX_BAD_RUN:
+                raise RuntimeError(f"stream {g}: {bad_run} samples in a row were unusable (last "
+                                   f"{sample.get('__key__')!r} in {sample.get('__url__')!r}); "
+                                   f"loader.stats() counts why")
+        return self.collate_fn(batch) if batch else None
 
     def _samples(self, state: StreamState, g: int) -> Iterator[dict]:
         """Stream g's samples (old-layout drains first), keeping `state` at the position after each."""
@@ -267,13 +298,13 @@ class _BatchStreams(IterableDataset):
             state.drain.pop(0)
         stream = _Stream(self.shards, g, self.world_size * self.num_streams, self.seed, self.resampled,
                          self.shuffle_buffer, state.counts)
-        for sample, (start, block, taken) in stream.blocks(state):
+        for sample, (start, block, taken) in stream.blocks(state, stop=stream.per_pass if self.one_pass else None):
             state.shard, state.offset, state.block, state.taken = *start, block, taken
             yield sample
 
     def _decode(self, sample: dict, counts: dict) -> dict | None:
         try:
-            label = _parse_label(sample, self.num_classes)
+            label = _parse_label(sample, self.label_key, self.num_classes) if self.labels else None
         except Exception:
             counts["bad_label"] += 1
             return None
@@ -283,7 +314,8 @@ class _BatchStreams(IterableDataset):
             counts["bad_image"] += 1
             return None
         counts["samples"] += 1
-        item["label"] = torch.tensor(label, dtype=torch.int64)
+        if label is not None:
+            item["label"] = torch.tensor(label, dtype=torch.int64)
         return item
 
 
@@ -315,6 +347,23 @@ class ShardLoader:
         self.dataset.states[state["stream"]] = StreamState(**state)
         self.batches += 1
         return batch
+
+    def one_pass(self) -> Iterator[dict]:
+        """This rank's batches of one unshuffled pass from the start (see the module docstring), each read
+        exactly once over all ranks; the last batch of each stream may be short. The position of this loader's
+        never-ending iteration is left as it was."""
+        if self.dataset.shuffle_buffer > 1 or self.dataset.resampled:
+            raise ValueError("one_pass needs an unshuffled, not resampled loader (shuffle_buffer <= 1)")
+        kept = self.dataset.states
+        self.dataset.states = [StreamState(stream=w) for w in range(self.dataset.num_streams)]
+        self.dataset.one_pass, self.dataset.rotation = True, 0
+        try:
+            for batch in DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                    pin_memory=torch.cuda.is_available()):
+                del batch["_state"]
+                yield batch
+        finally:
+            self.dataset.states, self.dataset.one_pass = kept, False
 
     def state_dict(self) -> dict:
         return dict(epoch=self.epoch, batches=self.batches, seed=self.dataset.seed,
@@ -386,9 +435,11 @@ def shard_list(urls, *, world_size: int, num_workers: int, resampled: bool) -> l
 
 def build_loader(urls, *, sample_fn: Callable[[bytes], dict], batch_size: int, rank: int, world_size: int,
                  num_workers: int, shuffle_buffer: int, resampled: bool, samples_per_epoch: int, seed: int,
-                 collate_fn=None, num_classes: int | None = None) -> ShardLoader:
+                 collate_fn=None, labels: bool = True, label_key: str = "label",
+                 num_classes: int | None = None) -> ShardLoader:
     """One rank's loader. `sample_fn(image_bytes) -> dict of tensors` (a transform from data.transforms);
-    `label` is added from `.cls`. Labels outside [0, num_classes) are counted as bad when num_classes is set."""
+    with `labels`, `label` is added from `.cls` or from the `label_key` of `.json` (a sample with neither is
+    counted as bad), and labels outside [0, num_classes) are counted as bad when num_classes is set."""
     shards = shard_list(urls, world_size=world_size, num_workers=num_workers, resampled=resampled)
     batches_per_epoch = samples_per_epoch // (world_size * batch_size)
     if batches_per_epoch < 1:
@@ -396,6 +447,6 @@ def build_loader(urls, *, sample_fn: Callable[[bytes], dict], batch_size: int, r
                          f"({world_size} ranks x batch {batch_size})")
     dataset = _BatchStreams(shards, sample_fn=sample_fn, collate_fn=collate_fn or default_collate,
                             batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                            shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed,
-                            num_classes=num_classes)
+                            shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed, labels=labels,
+                            label_key=label_key, num_classes=num_classes)
     return ShardLoader(dataset, num_workers=num_workers, batches_per_epoch=batches_per_epoch)

@@ -67,7 +67,8 @@ class DataConfig:
     val_urls: str = ""
     num_classes: int = MISSING
     samples_per_epoch: int = MISSING  # train samples per epoch over all ranks
-    val_samples: int = 0  # samples in val_urls
+    val_samples: int = 0  # images in val_urls; an evaluation that reads another number warns; 0 = unknown
+    label_key: str = "label"  # where .cls is missing, the label is this key of the sample's .json; "" = .cls only
     num_workers: int = 1
     shuffle_buffer: int = 1000
     resampled: bool = False
@@ -306,9 +307,6 @@ def validate(cfg: Config, world_size: int) -> None:
     _check(m.img_size % (m.patch_size * 2 ** (len(m.depths) - 1)) == 0, "model.img_size",
            "must be divisible by patch_size x 2^(stages-1)")
     _validate_windows(m)
-    if _evaluates(cfg):
-        _check(cfg.data.val_samples >= st.micro_batch * world_size, "data.val_samples",
-               f"{cfg.data.val_samples} is less than one micro batch on every rank ({st.micro_batch} x {world_size})")
     _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")
     if isinstance(cfg.engine, DeepSpeedConfig):
         _one_of(cfg.engine.zero_stage, {1, 2, 3}, "engine.zero_stage")

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,11 +29,12 @@ from pretrain.optim import build_param_groups
 log = logging.getLogger(__name__)
 
 
-def next_batch(loader: ShardLoader) -> dict:
+def next_batch(loader: Iterator[dict]) -> dict | None:
     """The loader seeds its own RNGs per batch (and DataLoader draws its workers' base seed from torch's);
-    none of that may move the training RNG (drop path), or a resumed run would diverge from an unbroken one."""
+    none of that may move the training RNG (drop path), or a resumed run would diverge from an unbroken one.
+    None when a finite loader (one val pass) is used up."""
     with torch.random.fork_rng(devices=[]):
-        return next(loader)
+        return next(loader, None)
 
 
 class Stage:
@@ -67,13 +69,13 @@ class Stage:
         return dict(mean=d.mean, std=d.std, decoder=d.decoder)
 
     def _loader(self, urls: str, sample_fn, *, samples: int, resampled: bool, collate_fn=None,
-                shuffle: bool = True) -> ShardLoader:
+                shuffle: bool = True, labels: bool = True) -> ShardLoader:
         d = self.cfg.data
         return build_loader(urls, sample_fn=sample_fn, batch_size=self.cfg.stage.micro_batch, rank=self.ctx.rank,
                             world_size=self.ctx.world_size, num_workers=d.num_workers,
                             shuffle_buffer=d.shuffle_buffer if shuffle else 1, resampled=resampled,
-                            samples_per_epoch=samples, seed=self.cfg.seed, collate_fn=collate_fn,
-                            num_classes=d.num_classes)
+                            samples_per_epoch=samples, seed=self.cfg.seed, collate_fn=collate_fn, labels=labels,
+                            label_key=d.label_key, num_classes=d.num_classes)
 
     def train_loader(self) -> ShardLoader:
         raise NotImplementedError
@@ -111,7 +113,7 @@ class SimMIMStage(Stage):
         transform = SimMIMTransform(img_size=m.img_size, crop_scale=st.crop_scale, mask_patch_size=st.mask_patch_size,
                                     model_patch_size=m.patch_size, mask_ratio=st.mask_ratio, **self.pixels())
         return self._loader(self.cfg.data.train_urls, transform, samples=self.cfg.data.samples_per_epoch,
-                            resampled=self.cfg.data.resampled)
+                            resampled=self.cfg.data.resampled, labels=False)  # image-only shards serve too
 
     def loss(self, engine, batch):
         out = engine.forward(batch["image"], batch["mask"])
@@ -133,7 +135,6 @@ class SupervisedStage(Stage):
         super().__init__(cfg, ctx)
         self.source = self.init_source(cfg)
         self._val: ShardLoader | None = None
-        self._val_start: dict = {}
 
     def build_model(self) -> nn.Module:
         return SwinTransformerV2(num_classes=self.cfg.data.num_classes, **self.model_kwargs())
@@ -195,24 +196,32 @@ class SupervisedStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, engine: Engine) -> dict[str, float]:
-        """Top-1/top-5 over the val shards; every rank runs the same number of batches (ZeRO-3 needs it).
+        """Top-1/top-5 over one pass of the val shards: every image counts exactly once on any number of ranks
+        and workers, and every evaluation reads the same images (the pass always starts from the beginning).
 
-        Every evaluation reads the same samples: the val loader is rewound to its start, so with
-        `eval_batches` below an epoch the curve compares weights, not windows of the val stream."""
+        Ranks may hold different numbers of val images (and last batches are short), but a sharded model
+        needs every rank in every forward: a rank whose share is used up runs a one-image dummy batch,
+        which is not counted, until no rank has any left. `stage.eval_batches` > 0 stops each rank earlier."""
         d, st = self.cfg.data, self.cfg.stage
         if self._val is None:
             transform = EvalTransform(img_size=self.cfg.model.img_size, crop_pct=st.eval_crop_pct, **self.pixels())
-            # Unshuffled: shuffle blocks that straddle shards would make a pass repeat some samples and miss
-            # others, differently on each world size; read in order, shards split evenly over the ranks' streams
-            # give every sample once, so 1 and N ranks evaluate the same images.
-            self._val = self._loader(d.val_urls, transform, samples=d.val_samples, resampled=False, shuffle=False)
-            self._val_start = self._val.state_dict()
-        self._val.load_state_dict(self._val_start)
-        batches = st.eval_batches or self._val.batches_per_epoch
+            # Unshuffled: shards read in order and split over the ranks' streams give every sample once.
+            # (its epoch length is never used: one_pass() reads it)
+            self._val = self._loader(d.val_urls, transform, samples=st.micro_batch * self.ctx.world_size,
+                                     resampled=False, shuffle=False)
+        batches = self._val.one_pass()
+        if st.eval_batches:
+            batches = itertools.islice(batches, st.eval_batches)
         counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss sum, images
         engine.module.eval()
-        for _ in range(batches):
-            batch = next_batch(self._val)
+        while True:
+            batch = next_batch(batches)
+            if dist.all_reduce_sum(torch.tensor(float(batch is not None), device=self.ctx.device)).item() == 0:
+                break
+            if batch is None:
+                size = self.cfg.model.img_size
+                engine.forward(torch.zeros(1, 3, size, size))
+                continue
             logits = engine.forward(batch["image"]).float().cpu()
             label = batch["label"]
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -222,6 +231,9 @@ class SupervisedStage(Stage):
             counts[3] += len(label)
         engine.module.train()
         top1, top5, loss, n = dist.all_reduce_sum(counts.to(self.ctx.device)).tolist()
+        if not st.eval_batches and d.val_samples and n != d.val_samples:
+            log.warning("evaluated %d val images, but data.val_samples is %d (unreadable samples, or a wrong "
+                        "data.val_samples)", n, d.val_samples)
         return {"eval/top1": 100 * top1 / n, "eval/top5": 100 * top5 / n, "eval/loss": loss / n, "eval/images": n}
 
 

@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -9,6 +10,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data.decode import encode_jpeg
 from data.demo import make_image
@@ -203,3 +205,68 @@ def test_ranks_with_unequal_shares_yield_the_same_batches_from_disjoint_shards(d
     seen = [{tuple(img.flatten()[:64].tolist()) for _ in range(12) for img in next(r)["image"]} for r in ranks]
     assert len(seen[0]) == len(seen[1]) == 48 and not seen[0] & seen[1]
     assert len(take(ranks[1], 30)) == 30  # well past rank 1's 48 samples per pass
+
+
+def foreign_shard(path, labels: list, fmt: str = "jpeg", members=("json",)):
+    """A shard as another tool writes it with Python's tarfile: key.jpeg/key.png, and key.json or key.cls."""
+    rng = np.random.default_rng(len(labels))
+    files = {}
+    for i, label in enumerate(labels):
+        rgb = make_image(i % 10, rng, 64, 48)
+        if fmt == "png":
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, format="PNG")
+            files[f"s{i:04d}.png"] = buf.getvalue()
+        else:
+            files[f"s{i:04d}.{fmt}"] = encode_jpeg(rgb)
+        if "json" in members:
+            files[f"s{i:04d}.json"] = json.dumps({"label": label, "caption": "a photo"}).encode()
+        if "cls" in members:
+            files[f"s{i:04d}.cls"] = str(label).encode()
+    write_tar(path, files)
+
+
+def test_labels_come_from_cls_or_a_json_key_and_a_sample_without_one_is_bad(tmp_path, monkeypatch):
+    import data.shards
+
+    monkeypatch.setattr(data.shards, "MAX_BAD_RUN", 12)
+    foreign_shard(tmp_path / "a.tar", [3, 1, "dog", 2.5, None, 7], fmt="png")
+    write_tar(tmp_path / "b.tar", {**read_tar(tmp_path / "a.tar"), "x.jpeg": encode_jpeg(np.zeros((8, 8, 3), np.uint8)),
+                                   "x.cls": b"4", "x.json": b'{"label": 9}'})  # .cls wins over .json
+    ld = loader(tmp_path / "a.tar", batch_size=3, shuffle_buffer=0)
+    assert next(ld)["label"].tolist() == [3, 1, 7]
+    assert (ld.stats()["bad_label"], ld.stats()["samples"]) == (3, 3)  # "dog", 2.5 and null are no labels
+    assert sorted(next(loader(tmp_path / "b.tar", batch_size=4, shuffle_buffer=0))["label"].tolist()) == [1, 3, 4, 7]
+    no_json = loader(tmp_path / "a.tar", batch_size=1, shuffle_buffer=0, label_key="")
+    with pytest.raises(RuntimeError, match="12 samples in a row were unusable"):
+        next(no_json)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_image_only_shards_serve_a_stage_without_labels(tmp_path, fmt):
+    foreign_shard(tmp_path / "bare.tar", [0] * 5, fmt=fmt, members=())
+    ld = loader(tmp_path / "bare.tar", batch_size=4, shuffle_buffer=0, labels=False)
+    batch = next(ld)
+    assert set(batch) == {"image"} and batch["image"].shape == (4, 3, 32, 32)
+    assert (ld.stats()["samples"], ld.stats()["skipped_samples"]) == (4, 0)
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (1, 2), (2, 1), (3, 2)])
+def test_one_pass_reads_every_sample_exactly_once(tmp_path, world_size, num_workers):
+    sizes = [7, 5, 11, 1, 3, 9]  # 36 samples in shards of uneven sizes; batch 4 leaves short last batches
+    labels = iter(range(36))
+    for s, n in enumerate(sizes):
+        foreign_shard(tmp_path / f"v-{s}.tar", [next(labels) % 10 for _ in range(n)], members=("cls",))
+    seen = []
+    for rank in range(world_size):
+        ld = loader(tmp_path / "v-{0..5}.tar", rank=rank, world_size=world_size, num_workers=num_workers,
+                    shuffle_buffer=1, samples_per_epoch=16)
+        next(ld)  # the never-ending stream's position is kept apart from the pass
+        for _ in range(2):  # a second pass reads the same images again
+            batches = list(ld.one_pass())
+            assert all(1 <= len(b["label"]) <= 4 for b in batches)
+            seen.append(torch.cat([b["image"] for b in batches]))
+        assert torch.equal(seen[-1], seen[-2])
+        assert ld.batches == 1
+    images = torch.cat(seen[::2])
+    assert len(images) == 36 and len(torch.unique(images.flatten(1), dim=0)) == 36

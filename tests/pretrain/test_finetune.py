@@ -12,6 +12,7 @@ from pretrain.checkpoint import read_client_states
 from pretrain.ema import merge_shards
 from pretrain.engine.deepspeed import DeepSpeedEngine
 from pretrain.engine.fsdp import FSDPEngine
+from tests.data.test_shards import foreign_shard
 from tests.pretrain.test_training import launch, losses, metric_rows, shards  # noqa: F401 (shards is a fixture)
 
 pytestmark = pytest.mark.dist
@@ -119,3 +120,24 @@ def test_eval_alone_reproduces_the_finetunes_last_evaluation_with_its_ema(shards
         assert rows[0][key] == pytest.approx(last[key], rel=1e-5), key
     assert f"eval: top1 {last['eval/top1']:.2f} top5 {last['eval/top5']:.2f}" in out
     assert "eval_ema: top1" in out and "images 48" in out
+
+
+def test_eval_counts_every_val_image_once_on_any_world_size(root, tmp_path):
+    """27 val images (.jpeg + .json labels, no .cls, written with tarfile) in shards of uneven sizes: on 2 ranks
+    x 2 workers with batch 4 the ranks' shares and last batches differ, yet each image counts once."""
+    sizes, start = [7, 5, 11, 1, 3], 0
+    for s, n in enumerate(sizes):
+        foreign_shard(tmp_path / f"val-{s}.tar", [(start + i) % 10 for i in range(n)])
+        start += n
+    (tmp_path / "val.txt").write_text("".join(f"val-{s}.tar\n" for s in range(len(sizes))))
+    args = (f"stage.init_from={root / 'demo' / 'supervised'}", f"data.val_urls={tmp_path / 'val.txt'}",
+            "data.val_samples=27", "stage.micro_batch=4", "engine.precision=fp32")
+    rows = {}
+    for name, workers, torchrun in (("two_ranks", 2, True), ("one_rank", 0, False)):
+        out = launch(tmp_path, tmp_path / name, "eval", *args, f"data.num_workers={workers}", torchrun=torchrun)
+        assert "images 27" in out and "evaluated" not in out  # no warning that the count differs
+        rows[name] = json.loads((tmp_path / name / "demo" / "eval" / "metrics.jsonl").read_text())
+    assert rows["two_ranks"]["eval/images"] == rows["one_rank"]["eval/images"] == 27
+    for key in ("eval/top1", "eval/top5"):
+        assert rows["two_ranks"][key] == rows["one_rank"][key], key
+    assert rows["two_ranks"]["eval/loss"] == pytest.approx(rows["one_rank"]["eval/loss"], rel=1e-5)
