@@ -11,6 +11,7 @@ that the model rebuilds for its own window; they are never loaded.
 from __future__ import annotations
 
 import pickle
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,17 @@ def trained_windows(model: Any) -> list[int]:
             for given, resolution in zip(model.pretrained_window_sizes, maps)]
 
 
+# Class maps shipped in the data package, by name; `imagenet22k_to_1k` is the official repo's
+# data/map22kto1k.txt (microsoft/Swin-Transformer): line i = the ImageNet-22K head row of ImageNet-1K class i.
+CLASS_MAPS = {"imagenet22k_to_1k": "imagenet22k_to_1k.txt"}
+
+
 def read_class_map(path: str, num_classes: int) -> list[int]:
-    """Line i of the file is the source head row that becomes class i (the official map22kto1k.txt format)."""
-    file = Path(path)
+    """Line i of the file is the source head row that becomes class i (the official map22kto1k.txt format);
+    `path` is a file or the name of a shipped map (CLASS_MAPS)."""
+    file = Path(str(resources.files("data") / CLASS_MAPS[path])) if path in CLASS_MAPS else Path(path)
     if not file.is_file():
-        raise ConfigError(f"stage.class_map={path}: no such file")
+        raise ConfigError(f"stage.class_map={path}: no such file (nor one of the shipped maps {sorted(CLASS_MAPS)})")
     rows = []
     for i, line in enumerate(file.read_text().strip().splitlines(), 1):
         try:

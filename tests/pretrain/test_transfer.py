@@ -175,3 +175,12 @@ def test_merge_shards_joins_every_engines_layout(layout):
     merged = merge_shards(parts, {k: v.shape for k, v in full.items()})
     for k, v in full.items():
         assert torch.equal(merged[k], v), k
+
+
+def test_the_official_22k_to_1k_map_ships_with_the_package():
+    rows = transfer.read_class_map("imagenet22k_to_1k", num_classes=1000)
+    # first and last lines of the official data/map22kto1k.txt; 1000 distinct rows of the 21841-class head
+    assert rows[:3] == [359, 368, 460] and rows[-1] == 21817
+    assert len(set(rows)) == 1000 and max(rows) < 21841
+    with pytest.raises(ConfigError, match="no such file .*imagenet22k_to_1k"):
+        transfer.read_class_map("imagenet22k_to_1kk", num_classes=1000)
