@@ -1,19 +1,20 @@
 """Per-sample transforms (encoded bytes -> dict of tensors) and the batch-level Mixup/CutMix collate.
 
-All randomness comes from torch's global generator (torchvision v2 draws with it too), which the loader
-seeds per batch so that a resumed run replays exactly.
+Randomness comes from torch's global generator (crops, flips, masks), and from Python's and numpy's (timm's
+RandAugment, RandomErasing and Mixup); the loader seeds all three per batch, so a resumed run replays exactly.
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import Mixup, rand_augment_transform
+from timm.data.mixup import mixup_target
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import default_collate
-from torchvision.transforms import v2
 
 from data.decode import DECODERS, decode_crop_resize
 
@@ -122,37 +123,44 @@ class SimMIMTransform:
         return dict(image=self.normalize(self.crop(data)), mask=self.mask_generator())
 
 
-class _RandAugment(v2.RandAugment):
-    """torchvision RandAugment driven by a timm spec such as "rand-m9-mstd0.5-inc1" (n ops, magnitude m,
-    magnitude drawn per image from N(m, mstd)).
+def _rand_augment(spec: str, img_size: int, mean):
+    """timm's RandAugment for a spec such as "rand-m9-mstd0.5-inc1", with create_transform's hyper-parameters."""
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean),
+                   interpolation=Image.BICUBIC)
+    try:
+        return posterize_to_zero_bits(rand_augment_transform(spec, hparams))
+    except (AssertionError, ValueError):
+        raise ValueError(f"rand_augment {spec!r}: not a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' "
+                         "(options m, n, p, mstd, mmax, inc, t)") from None
 
-    With 11 bins, magnitude m is m/10 of each op's range as in timm (torchvision's default 31 bins would
-    make m9 a much weaker 9/30). torchvision's posterize and solarize already grow stronger with the
-    magnitude, which is what timm's `inc1` selects.
-    """
 
-    def __init__(self, spec: str):
-        parts = spec.split("-")
-        if parts[0] != "rand":
-            raise ValueError(f"rand_augment {spec!r}: expected a timm-style spec like 'rand-m9-mstd0.5-inc1'")
-        opts = dict(n=2.0, m=9.0, mstd=0.0, inc=1.0)
-        for part in parts[1:]:
-            key = re.match(r"[a-z]+", part)
-            if not key or key.group() not in opts:
-                raise ValueError(f"rand_augment {spec!r}: unknown option {part!r} (known: n, m, mstd, inc)")
-            opts[key.group()] = float(part[key.end():])
-        super().__init__(num_ops=int(opts["n"]), magnitude=round(opts["m"]), num_magnitude_bins=11)
-        self.mean_magnitude, self.mstd = opts["m"], opts["mstd"]
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:  # no bit kept: black, as Pillow < 12 gave for 0 bits
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
-    def forward(self, *inputs):
-        if self.mstd > 0:
-            m = torch.normal(torch.tensor(self.mean_magnitude), self.mstd).item()
-            self.magnitude = int(min(max(round(m), 0), self.num_magnitude_bins - 1))
-        return super().forward(*inputs)
+
+def posterize_to_zero_bits(rand_augment):
+    """timm's PosterizeIncreasing keeps 4 down to 0 bits (0 once the noisy magnitude reaches 10, about 2% of
+    its draws at m9 mstd0.5); Pillow 12+ rejects 0 bits with a ValueError, which would drop the sample. Its
+    posterize ops get a function that gives the 0-bit result of older Pillow (a black image) instead."""
+    for op in rand_augment.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return rand_augment
 
 
 class SupervisedTransform:
-    """Bicubic RandomResizedCrop + flip + RandAugment + normalise + random erasing: bytes -> {image}."""
+    """Bicubic RandomResizedCrop + flip, timm's RandAugment, normalise, timm's RandomErasing: bytes -> {image}.
+
+    The official SwinV2/SimMIM fine-tuning recipe is timm's create_transform(is_training=True,
+    auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1, interpolation="bicubic");
+    the RandAugment and RandomErasing here are timm's own, with the hyper-parameters create_transform gives
+    them (translate 45% of the image size, the mean colour as fill, bicubic). Only the crop differs in how
+    it runs: the crop box is decoded and resized alone (data.decode), not the whole image.
+    """
 
     def __init__(self, *, img_size: int = 192, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
                  hflip: float = 0.5, rand_augment: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
@@ -160,13 +168,12 @@ class SupervisedTransform:
         self.crop = RandomResizedCropFlip(img_size=img_size, crop_scale=crop_scale, crop_ratio=crop_ratio,
                                           hflip=hflip, interpolation="bicubic", decoder=decoder)
         self.normalize = _Normalize(mean, std)
-        self.randaug = _RandAugment(rand_augment) if rand_augment else None  # "" = off
-        # value="random": per-pixel normal noise, timm's mode="pixel"
-        self.erase = v2.RandomErasing(p=reprob, value="random") if reprob > 0 else None
+        self.randaug = _rand_augment(rand_augment, img_size, mean) if rand_augment else None  # "" = off
+        self.erase = RandomErasing(reprob, mode="pixel", max_count=1, device="cpu") if reprob > 0 else None
 
     def __call__(self, data: bytes) -> dict:
         img = self.crop(data)
-        if self.randaug is not None:  # on a PIL image: torchvision's PIL ops are ~2.5x faster than its tensor ops
+        if self.randaug is not None:  # timm's ops work on PIL images
             pil = self.randaug(Image.fromarray(img.permute(1, 2, 0).numpy()))
             img = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
         x = self.normalize(img)
@@ -191,29 +198,22 @@ class EvalTransform:
 
 
 class MixupCutmix:
-    """Batch collate: stack the samples, then Mixup or CutMix and label smoothing -> adds `target` (B, K).
+    """Batch collate: stack the samples, then timm's Mixup/CutMix (batch mode) with label smoothing -> adds
+    `target` (B, K); with both alphas 0, the smoothed one-hot targets alone (as the official code).
 
-    With both alphas > 0, CutMix is chosen with probability `switch_prob`; the whole batch is mixed with
-    probability `prob`, otherwise only smoothed (timm's Mixup, batch mode).
-    """
+    Batch mode mixes each sample with the batch reversed, so the (per-rank) batch size must be even."""
 
     def __init__(self, *, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  label_smoothing: float = 0.1, prob: float = 1.0, switch_prob: float = 0.5):
-        self.num_classes, self.smoothing, self.prob = num_classes, label_smoothing, prob
-        choices, p = [], []
-        if mixup_alpha > 0:
-            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-            p.append(1 - switch_prob if cutmix_alpha > 0 else 1.0)
-        if cutmix_alpha > 0:
-            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-            p.append(switch_prob if mixup_alpha > 0 else 1.0)
-        self.mix = v2.RandomChoice(choices, p=p) if choices else None
+        self.num_classes, self.smoothing = num_classes, label_smoothing
+        self.mix = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
+                         mode="batch", label_smoothing=label_smoothing, num_classes=num_classes) \
+            if mixup_alpha > 0 or cutmix_alpha > 0 else None
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = default_collate(samples)
-        if self.mix is not None and torch.rand(1).item() < self.prob:
-            batch["image"], target = self.mix(batch["image"], batch["label"])
+        if self.mix is not None:
+            batch["image"], batch["target"] = self.mix(batch["image"], batch["label"])
         else:
-            target = torch.nn.functional.one_hot(batch["label"], self.num_classes).float()
-        batch["target"] = target * (1 - self.smoothing) + self.smoothing / self.num_classes
+            batch["target"] = mixup_target(batch["label"], self.num_classes, smoothing=self.smoothing)
         return batch

@@ -298,6 +298,9 @@ def validate(cfg: Config, world_size: int) -> None:
                f"+stage=eval needs the checkpoint to evaluate: a run dir or a weights file, got {st.init_from!r}")
     else:
         _validate_schedule(cfg, world_size)
+    if isinstance(st, SupervisedStageConfig) and (st.mixup > 0 or st.cutmix > 0):
+        _check(st.micro_batch % 2 == 0, "stage.micro_batch", f"{st.micro_batch} is odd, but Mixup/CutMix (timm, "
+               "batch mode) mixes each rank's batch with itself reversed: it must be even")
     if isinstance(st, FinetuneStageConfig):
         _check(0 <= st.ema_decay < 1, "stage.ema_decay", f"must be in [0, 1), got {st.ema_decay}")
     _one_of(m.grad_checkpointing, {"none", "torch", "torch_reentrant", "fairscale", "fairscale_offload"},

@@ -3,7 +3,8 @@
 1. Per-sample decode + augment of 500x375 JPEGs to 192px, in memory, one thread: data.transforms (simplejpeg,
    draft-mode decode, crop before resize) vs the plain pipeline (PIL.Image.open + convert, torchvision v2
    RandomResizedCrop/flip/ToTensor/Normalize on the full image), rounds interleaved, medians. For SimMIM
-   (+ mask) and supervised (+ RandAugment m9 + random erasing) augmentation; and SimMIM on 1000x750 JPEGs,
+   (+ mask) and supervised (+ timm's RandAugment rand-m9-mstd0.5-inc1 + random erasing; the baseline is timm's
+   create_transform, the official recipe) augmentation; and SimMIM on 1000x750 JPEGs,
    where the crop is at least twice the output and the JPEG is decoded at half scale.
 2. One core through webdataset: data.shards.build_loader (num_workers=0: tar reading, shuffle, decode,
    augment, collate) vs webdataset's stock pipeline (WebDataset(...).decode("pil").map(plain transform)
@@ -24,7 +25,8 @@ from torchvision.transforms import v2
 from data.decode import encode_jpeg
 from data.demo import make_image
 from data.shards import build_loader
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, MaskGenerator, SimMIMTransform, SupervisedTransform
+from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, MaskGenerator, SimMIMTransform, SupervisedTransform,
+                             posterize_to_zero_bits)
 
 SIZE = 192
 
@@ -44,10 +46,15 @@ def plain_simmim():
 
 
 def plain_supervised():
-    tf = v2.Compose([v2.RandomResizedCrop(SIZE, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
-                     v2.RandomHorizontalFlip(), v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11),
-                     v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                     v2.Normalize(IMAGENET_MEAN, IMAGENET_STD), v2.RandomErasing(p=0.25, value="random")])
+    """The official fine-tuning transform: timm's create_transform (torchvision crop/flip on the whole Pillow
+    image, timm's RandAugment and RandomErasing), the same augmentation as ours."""
+    from timm.data import create_transform
+
+    from timm.data.auto_augment import RandAugment
+
+    tf = create_transform(SIZE, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+                          re_mode="pixel", re_count=1, interpolation="bicubic")
+    posterize_to_zero_bits(next(t for t in tf.transforms if isinstance(t, RandAugment)))  # Pillow 13: see there
     return lambda img: dict(image=tf(img))
 
 

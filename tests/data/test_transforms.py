@@ -1,14 +1,18 @@
 import io
+import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
 
 from data.decode import decode_crop_resize, encode_jpeg
 from data.demo import make_image
 from data.transforms import (EvalTransform, MaskGenerator, MixupCutmix, SimMIMTransform, SupervisedTransform,
-                             center_box, random_resized_box)
+                             center_box, posterize_to_zero_bits, random_resized_box)
 
 
 def jpeg(width=500, height=375, seed=0) -> bytes:
@@ -49,24 +53,63 @@ def test_simmim_transform_gives_normalised_image_and_mask():
     assert -2.2 < out["image"].min() < 0 < out["image"].max() < 2.7
 
 
+def seed_all(n: int) -> None:
+    """The loader seeds these three per batch: torch (crop, flip), Python and numpy (timm)."""
+    torch.manual_seed(n)
+    random.seed(n)
+    np.random.seed(n)
+
+
 def test_transforms_replay_under_the_same_seed():
     tf = SupervisedTransform(img_size=96, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
     data = jpeg()
-    torch.manual_seed(5)
-    a = tf(data)["image"]
-    torch.manual_seed(5)
-    b = tf(data)["image"]
-    torch.manual_seed(6)
-    c = tf(data)["image"]
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    images = []
+    for n in (5, 5, 6):
+        seed_all(n)
+        images.append(tf(data)["image"])
+    assert torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
+
+
+def test_supervised_augmentation_is_the_official_timm_recipe():
+    """The official fine-tuning transform is timm's create_transform with these arguments: its RandAugment
+    ops (each with its probability, magnitude, noise and fill) and its RandomErasing are ours."""
+    official = create_transform(192, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+                                re_mode="pixel", re_count=1, interpolation="bicubic")
+    ra = next(t for t in official.transforms if isinstance(t, RandAugment))
+    erase = next(t for t in official.transforms if isinstance(t, RandomErasing))
+    ours = SupervisedTransform(img_size=192, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+
+    def ops(r):
+        return [(o.name, o.prob, o.magnitude, o.magnitude_std, o.magnitude_max, o.kwargs, o.hparams) for o in r.ops]
+
+    posterize_to_zero_bits(ra)
+    assert ops(ours.randaug) == ops(ra) and ours.randaug.num_layers == ra.num_layers == 2
+    assert {o.name for o in ra.ops} >= {"SolarizeIncreasing", "PosterizeIncreasing", "TranslateXRel", "SolarizeAdd"}
+    assert ra.ops[0].prob == 0.5 and ra.ops[0].magnitude_std == 0.5
+    assert vars(ours.erase) == vars(erase)
+    # same draws, same picture: op choice (numpy), probabilities and magnitudes (Python's random)
+    img = Image.fromarray(make_image(2, np.random.default_rng(0), 192, 192))
+    outs = []
+    for r in (ours.randaug, ra):
+        seed_all(3)
+        outs.append(np.array(r(img)))
+    assert np.array_equal(*outs)
+
+
+def test_posterize_to_zero_bits_gives_black_instead_of_dropping_the_sample():
+    ra = SupervisedTransform(rand_augment="rand-m9-mstd0.5-inc1").randaug
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    img = Image.fromarray(make_image(2, np.random.default_rng(0), 32, 32))
+    assert np.array(op.aug_fn(img, 0)).max() == 0  # level 10: timm asks for 0 bits
+    assert np.array_equal(np.array(op.aug_fn(img, 2)), np.array(img) & 0xC0)
 
 
 def test_rand_augment_spec_is_checked():
-    with pytest.raises(ValueError, match="unknown option 'x3'"):
+    with pytest.raises(ValueError, match="'rand-m9-x3': not a timm RandAugment spec"):
         SupervisedTransform(rand_augment="rand-m9-x3")
     assert SupervisedTransform(rand_augment="").randaug is None
     ra = SupervisedTransform(rand_augment="rand-n3-m7-mstd0.5").randaug
-    assert (ra.num_ops, ra.mean_magnitude, ra.mstd, ra.num_magnitude_bins) == (3, 7, 0.5, 11)
+    assert ra.num_layers == 3 and {(o.magnitude, o.magnitude_std) for o in ra.ops} == {(7, 0.5)}
 
 
 def test_eval_transform_is_deterministic_center_crop():
@@ -138,7 +181,7 @@ def test_undecodable_bytes_raise():
 
 
 def test_mixup_cutmix_targets_are_smoothed_distributions():
-    torch.manual_seed(0)
+    seed_all(0)
     samples = [dict(image=torch.randn(3, 32, 32), label=torch.tensor(i % 5)) for i in range(8)]
     batch = MixupCutmix(num_classes=5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)(samples)
     assert batch["image"].shape == (8, 3, 32, 32) and batch["target"].shape == (8, 5)

@@ -111,3 +111,10 @@ def test_deepspeed_json_is_generated_from_the_engine_config_with_expert_keys_las
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                        "reduce_bucket_size": 1000}
     assert ds["steps_per_print"] == 7
+
+
+def test_mixup_needs_an_even_micro_batch():
+    with pytest.raises(ConfigError, match="stage.micro_batch: 3 is odd, but Mixup/CutMix"):
+        finalize(compose_cfg("+stage=supervised", "stage.mixup=0.8", "stage.micro_batch=3", "stage.global_batch=6"),
+                 world_size=2)
+    finalize(compose_cfg("+stage=supervised", "stage.micro_batch=3", "stage.global_batch=6"), world_size=2)  # no mixing
