@@ -7,6 +7,7 @@
 """
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -20,6 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 from pretrain import config, dist  # noqa: E402
 
 config.register_configs()
+
+# Known deprecations inside dependencies, which this project cannot act on, printed by every rank at every
+# step; each is named (category, module that warns, message) so that everything else still shows.
+THIRD_PARTY_DEPRECATIONS = (
+    # DeepSpeed ZeRO-3 (deepspeed/comm/torch.py) still calls the old name; torch warns through c10d_logger
+    (FutureWarning, r"torch\.distributed\.c10d_logger", r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"),
+)
+for category, module, message in THIRD_PARTY_DEPRECATIONS:
+    warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

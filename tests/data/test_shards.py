@@ -15,7 +15,7 @@ from PIL import Image
 from data.decode import encode_jpeg
 from data.demo import make_image
 from data.shards import build_loader, expand_urls
-from data.transforms import EvalTransform
+from data.transforms import EvalTransform, MixupCutmix, SupervisedTransform
 
 PATTERN = "train-{000000..000007}.tar"
 
@@ -270,3 +270,22 @@ def test_one_pass_reads_every_sample_exactly_once(tmp_path, world_size, num_work
         assert ld.batches == 1
     images = torch.cat(seen[::2])
     assert len(images) == 36 and len(torch.unique(images.flatten(1), dim=0)) == 36
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_replays_timm_augmentation_and_mixup(demo_dir, num_workers):
+    """timm draws from numpy's and Python's RNGs: the loader seeds them per batch too, and gives the main
+    process's back."""
+    kw = dict(sample_fn=SupervisedTransform(img_size=32, rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25),
+              collate_fn=MixupCutmix(num_classes=10), num_workers=num_workers, shuffle_buffer=16)
+    np.random.seed(0)
+    ref = take(loader(demo_dir / PATTERN, **kw), 6)
+    assert np.random.randint(1 << 30) == np.random.RandomState(0).randint(1 << 30)  # numpy's state untouched
+    ld = loader(demo_dir / PATTERN, **kw)
+    take(ld, 3)
+    resumed = loader(demo_dir / PATTERN, **kw)
+    resumed.load_state_dict(ld.state_dict())
+    np.random.seed(1)  # the main process's RNGs do not matter
+    for a, b in zip(ref[3:], take(resumed, 3)):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+    assert not torch.equal(ref[0]["target"], torch.nn.functional.one_hot(ref[0]["label"], 10).float())

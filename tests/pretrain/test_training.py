@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,3 +160,20 @@ def test_a_preemption_signal_during_start_up_is_not_lost(shards, tmp_path):
     assert proc.wait(timeout=300) == 0, "".join(lines)[-5000:]
     assert any("stopping at step 1 on SIGUSR1" in line for line in lines), "".join(lines)[-5000:]
     assert (tmp_path / "demo" / "simmim" / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
+def test_simmim_trains_on_image_only_shards_and_prints_no_silenced_warning(tmp_path):
+    """Shards as another tool writes them (tarfile; .jpeg and .png, no .cls or .json) serve SimMIM, and the
+    dependency deprecations that launch/pretrain.py silences (DeepSpeed's reduce_scatter_tensor, once per
+    rank and step before) are not printed."""
+    from launch.pretrain import THIRD_PARTY_DEPRECATIONS
+    from tests.data.test_shards import foreign_shard
+
+    for s, fmt in enumerate(("jpeg", "png")):
+        foreign_shard(tmp_path / f"bare-{s}.tar", [0] * 12, fmt=fmt, members=())
+    (tmp_path / "train.txt").write_text("bare-0.tar\nbare-1.tar\n")
+    out = launch(tmp_path, tmp_path / "runs", "simmim", "stage.steps=2", "stage.mask_patch_size=16",
+                 "data.samples_per_epoch=24")
+    assert "simmim step 2/2" in out
+    for _, _, message in THIRD_PARTY_DEPRECATIONS:
+        assert not re.search(message, out), message
