@@ -26,7 +26,7 @@ test: venv
 	$(VENV)/bin/pytest -q
 
 soak: venv  # minutes: thousands of steps with repeated kills and relaunches (docs/RELIABILITY.md)
-	$(VENV)/bin/pytest -q -m soak tests/reliability/test_soak.py
+	$(VENV)/bin/pytest -q --soak -m soak
 
 bench: venv
 	$(PY) -m scripts.bench

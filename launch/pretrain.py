@@ -68,5 +68,9 @@ if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing, so we can say it in one line
     try:
         main()
+        status = 0
     except HydraException as err:
-        sys.exit(f"config error: {composition_error(err)}")
+        status = f"config error: {composition_error(err)}"
+    except SystemExit as stop:  # a config error or a halted run: its one-line message, status 1
+        status = stop.code
+    dist.exit_process(status)

@@ -1,16 +1,18 @@
 """Distributed context: torchrun, SLURM srun, or one plain process, all seen through torchrun's variables."""
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import os
 import re
 import signal
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -198,3 +200,27 @@ def shutdown() -> None:
         # collective or save can abort at exit ("terminate called without an active exception").
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(status: object = 0) -> NoReturn:
+    """End this process as `sys.exit(status)` would, but without the interpreter's finalization.
+
+    DeepSpeed keeps its gloo process groups referenced after destroy_process_group() (module hooks and each
+    parameter's ds_process_group hold them), so their worker threads outlive `shutdown()`. When such a thread
+    drops the last reference to a finished work item during finalization, freeing its tensors needs the GIL,
+    which a finalizing interpreter no longer grants: the thread is ended and C++ calls std::terminate
+    ("terminate called without an active exception", SIGABRT), now and then, after all the work was done
+    (pytorch/pytorch#179291). The exit handlers still run (wandb's service, data loader workers, logging),
+    then the streams are flushed and the process ends with the status its work earned.
+    """
+    if status is None:
+        code = 0
+    elif isinstance(status, int):
+        code = status
+    else:  # sys.exit's message form
+        print(status, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -30,7 +30,8 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot(run_dirs: list[Path], out: Path) -> None:
+def draw(run_dirs: list[Path]) -> plt.Figure:
+    """One panel per PANELS entry, one line per run (and per key under a prefix)."""
     runs = {}
     for run_dir in run_dirs:
         if not (run_dir / METRICS_FILE).is_file():
@@ -54,6 +55,11 @@ def plot(run_dirs: list[Path], out: Path) -> None:
         if yscale == "log" and min(values_drawn) > 0:
             ax.set_yscale("log")
         ax.legend(fontsize="small")
+    return fig
+
+
+def plot(run_dirs: list[Path], out: Path) -> None:
+    fig = draw(run_dirs)
     fig.savefig(out, dpi=100)
     plt.close(fig)
 

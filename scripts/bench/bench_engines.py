@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain import dist as pdist
+
 REPO = Path(__file__).resolve().parents[2]
 ENGINES = {"zero3": ["engine=deepspeed", "engine.zero_stage=3", "engine.precision=bf16"],
            "fsdp2": ["engine=fsdp", "engine.precision=bf16"],
@@ -75,7 +77,6 @@ def worker(out: str, models: list[str], steps: int) -> None:
 
     import torch.distributed as dist
 
-    from pretrain import dist as pdist
     faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)  # a hung collective fails with a traceback
     pdist.setup_env()
     ctx = pdist.init()
@@ -135,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.models, args.steps)
-        return
+        pdist.exit_process(0)
     for row in run(tuple(args.models), args.steps):
         print(f"{row['name']}: ours {row['ours']:.3f}  baseline {row['baseline']:.3f}  ratio {row['ratio']:.2f}x  "
               f"({row['how']})", flush=True)

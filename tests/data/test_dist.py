@@ -1,27 +1,18 @@
 """2 ranks x 2 dataloader workers under torchrun (gloo, CPU): splitting and exact resume across processes."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.torchrun import torchrun
+
 JOB = Path(__file__).with_name("dist_loader_job.py")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def torchrun(*args):
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", str(JOB), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.dist
 def test_two_ranks_two_workers_split_and_resume_exactly(demo_dir, tmp_path):
-    torchrun("first", str(tmp_path), str(demo_dir))
-    torchrun("resume", str(tmp_path), str(demo_dir))  # a new job restores the saved position
+    torchrun(JOB, "first", str(tmp_path), str(demo_dir))
+    torchrun(JOB, "resume", str(tmp_path), str(demo_dir))  # a new job restores the saved position
     first = [json.loads((tmp_path / f"first-{r}.json").read_text()) for r in range(2)]
     resumed = [json.loads((tmp_path / f"resume-{r}.json").read_text()) for r in range(2)]
 

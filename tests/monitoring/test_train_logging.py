@@ -3,8 +3,13 @@
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from data.demo import write_demo_shards
+from models import SimMIM
+from pretrain.loggers import read_metrics
+from tests.monitoring.test_flops import counted_flops
 from tests.torchrun import REPO, torchrun
 from wandb_offline import offline_runs, read_run
 
@@ -50,6 +55,26 @@ def test_two_rank_simmim_run_logs_one_wandb_run(runs):
     assert all(0 < r["perf/mfu"] < 1 and r["perf/img_per_s"] > 0 for r in rows)
     images = [h["step"] for h in run.history if h.get("simmim/reconstruction/_type") == "image-file"]
     assert images == [2, 4]
+
+
+@pytest.mark.dist
+def test_mfu_is_the_counted_flops_of_the_logged_throughput_over_one_peak(runs):
+    run = runs / "runs" / "demo" / "simmim"
+    model_cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    size = model_cfg["img_size"]
+    kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "grad_checkpointing")}
+    model = SimMIM(**kwargs, encoder_stride=32).eval()
+    with torch.no_grad():
+        forward = counted_flops(lambda: model(torch.randn(1, 3, size, size), torch.zeros(1, size // 4, size // 4)))
+    rows = [r for r in read_metrics(run) if "perf/mfu" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    peaks = []
+    for r in rows:
+        # forward + backward = 3 forwards per image, at each of the 2 ranks' share of the global images/s
+        achieved = 3 * forward * r["perf/img_per_s"] / 2
+        assert r["perf/tflops_per_device"] * 1e12 == pytest.approx(achieved, rel=1e-9)
+        peaks.append(achieved / r["perf/mfu"])
+    assert peaks[0] == pytest.approx(peaks[1], rel=1e-9)  # one peak, measured once per run
 
 
 @pytest.mark.dist

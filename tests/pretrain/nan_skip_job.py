@@ -56,8 +56,7 @@ def micro_batches(plan: list[str], rank: int, world_size: int, accum: int):
             yield {"image": image, "label": labels[lo:lo + MICRO], "inf_grad": faulty and entry.endswith("g")}
 
 
-def main() -> None:
-    out, engine_name, plan, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4:]
+def main(out: Path, engine_name: str, plan: list[str], extra: list[str]) -> None:
     dist.setup_env()
     ctx = dist.init()
     register_configs()
@@ -78,4 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4:])
+    dist.exit_process(0)

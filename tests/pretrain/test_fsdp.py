@@ -6,8 +6,6 @@ not its own CPU Adam), average gradients over ranks, scale by 1/accumulation and
 so in fp32 their loss curves agree to float rounding.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +19,7 @@ from pretrain.config import CONF_DIR, ConfigError, finalize, register_configs
 from pretrain.engine import engine_class
 from pretrain.engine.deepspeed import DeepSpeedEngine
 from pretrain.engine.fsdp import FSDPEngine
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.torchrun import REPO, TORCHRUN, job_env, run
 sys.path.insert(0, str(REPO / "scripts"))
 import convert_checkpoint  # noqa: E402
 
@@ -55,16 +52,15 @@ def test_fsdp_refuses_deepspeed_keys():
 
 def launch(shards: Path, run_root: Path, *overrides: str) -> tuple[Path, str]:
     """launch/pretrain.py +stage=simmim on 2 ranks (accumulation 2); returns the run dir and the output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2",
            str(REPO / "launch" / "pretrain.py"), "+stage=simmim", f"run_root={run_root}", "logger=none",
            "logger.every=1", f"data.train_urls={shards}/train.txt", f"data.val_urls={shards}/val.txt",
            "data.samples_per_epoch=64", "data.num_workers=1", "data.shuffle_buffer=16", "stage.global_batch=8",
            "stage.micro_batch=2", "stage.optim.warmup_steps=1", "stage.steps=4", "checkpoint.every_steps=4",
            *TINY, *overrides]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    return run_root / "demo" / "simmim", proc.stdout + proc.stderr
+    returncode, output = run(cmd, job_env())
+    assert returncode == 0, output[-8000:]
+    return run_root / "demo" / "simmim", output
 
 
 def metric(run: Path, key: str) -> dict[int, float]:

@@ -2,28 +2,20 @@
 micro batch has a non-finite loss changes nothing (weights, AdamW moments and step count), so training on
 batches 0, 1 (corrupt), 2 ends with exactly the weights of training on 0, 2."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.engine import engine_class
+from tests.torchrun import torchrun
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.dist
 
 
 def run_job(out: Path, engine: str, plan: str, *overrides: str) -> list[bool]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-           str(HERE / "nan_skip_job.py"), str(out), engine, plan, *overrides]
-    proc = subprocess.run(cmd, env=env, cwd=HERE.parents[1], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    torchrun(HERE / "nan_skip_job.py", str(out), engine, plan, *overrides)
     per_rank = [json.loads((out / f"updated_rank{r}.json").read_text()) for r in range(2)]
     assert per_rank[0] == per_rank[1], per_rank  # every rank took the same steps
     return per_rank[0]

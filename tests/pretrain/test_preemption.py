@@ -4,13 +4,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.torchrun import job_env, start, torchrun_cmd
 
 # Each rank steps until the watcher says stop, then reports the step it stopped after.
 WORKER = """
@@ -39,13 +37,11 @@ dist.destroy_process_group()
 def _start_ranks(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start(torchrun_cmd(script, str(tmp_path)), job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 text=True)
 
 
-def _wait_for(path, proc, timeout=60):
+def _wait_for(path, proc, timeout=240):
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, proc.stdout.read()
@@ -55,7 +51,7 @@ def _wait_for(path, proc, timeout=60):
 
 
 def _results(tmp_path, proc):
-    output = proc.communicate(timeout=60)[0]
+    output = proc.communicate(timeout=240)[0]
     return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1)], output
 
 

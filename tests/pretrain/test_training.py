@@ -1,7 +1,6 @@
 """Real 2-rank gloo runs of launch/pretrain.py under DeepSpeed ZeRO-3: resume and the two-stage chain."""
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -16,8 +15,7 @@ from data.demo import write_demo_shards
 from models import encoder_state_dict
 from pretrain.engine import engine_class
 from pretrain.engine.deepspeed import DeepSpeedEngine
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.torchrun import REPO, TORCHRUN, job_env, run, start
 pytestmark = pytest.mark.dist
 
 
@@ -33,25 +31,21 @@ def command(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun:
             script: Path = REPO / "launch" / "pretrain.py") -> tuple[list, dict]:
     """A tiny model on 2 ranks under torchrun, or as one plain process: (command line, environment).
     `script`: launch/pretrain.py or a job that runs it with something added (e.g. injected faults)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    runner = ([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"] if torchrun
-              else [sys.executable])
+    runner = [TORCHRUN, "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
     cmd = [*runner, str(script), f"+stage={stage}", f"run_root={run_root}", "logger=none",
            "logger.every=1", f"data.train_urls={shards}/train.txt", f"data.val_urls={shards}/val.txt",
            "data.samples_per_epoch=96", "data.val_samples=48", "data.num_workers=1", "data.shuffle_buffer=16",
            "model.img_size=64", "model.window_size=4", "stage.global_batch=8", "stage.micro_batch=2",
            "stage.optim.warmup_steps=1", *overrides]
-    return cmd, env
+    return cmd, job_env()
 
 
 def launch(shards: Path, run_root: Path, stage: str, *overrides: str, torchrun: bool = True) -> str:
     """Run `command(...)` to the end; returns the output."""
     cmd, env = command(shards, run_root, stage, *overrides, torchrun=torchrun)
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    returncode, output = run(cmd, env)
+    assert returncode == 0, output[-8000:]
+    return output
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -149,7 +143,7 @@ def test_a_preemption_signal_during_start_up_is_not_lost(shards, tmp_path):
     # process; the trainer must instead run one step, save it and exit 0.
     cmd, env = command(shards, tmp_path, "simmim", "stage.steps=5", "checkpoint.every_steps=100",
                        "stage.mask_patch_size=16", torchrun=False)
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)

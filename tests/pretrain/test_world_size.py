@@ -4,16 +4,13 @@ world_size_job.py trains on fixed global batches whatever the world size, so a r
 losses of the run it continues (to float rounding); a lost or mis-mapped optimizer state shows at once.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.torchrun import torchrun
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 pytestmark = pytest.mark.dist
 
 
@@ -23,12 +20,8 @@ def shards(small_shards) -> Path:
 
 
 def job(nproc: int, out: Path, engine: str, shards: Path, *args: str) -> tuple[dict, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "world_size_job.py"), str(out), engine, str(shards), *args]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    return json.loads((out / "losses.json").read_text()), proc.stdout + proc.stderr
+    output = torchrun(HERE / "world_size_job.py", str(out), engine, str(shards), *args, nproc=nproc)
+    return json.loads((out / "losses.json").read_text()), output
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])

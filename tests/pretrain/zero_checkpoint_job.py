@@ -12,6 +12,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
+from pretrain import dist
 from pretrain.optim import build_param_groups
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=4,
@@ -106,7 +107,9 @@ def main() -> None:
         kind, stage, *bf16 = spec.split(":")
         dtype = torch.bfloat16 if bf16 else torch.float32
         train_and_save(kind, int(stage), dtype, args.out_dir / "_".join([kind, f"zero{stage}", *bf16]))
+    dist.shutdown()
 
 
 if __name__ == "__main__":
     main()
+    dist.exit_process(0)

@@ -17,7 +17,8 @@ import torch
 from pretrain.checkpoint import PARTIAL, step_tag
 from pretrain.engine.deepspeed import DeepSpeedEngine
 from pretrain.loggers import read_metrics
-from tests.pretrain.test_training import REPO, command
+from tests.pretrain.test_training import command
+from tests.torchrun import kill, start
 
 
 class Job:
@@ -29,8 +30,7 @@ class Job:
         run_root.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         with open(self.log, "w") as out:  # a file, not a pipe: nobody reads while the test waits
-            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = start(cmd, env, stdout=out, stderr=subprocess.STDOUT)
         self.ranks: dict[int, int] = {}  # rank -> pid of torchrun's children, as last looked up
 
     def __enter__(self) -> Job:
@@ -131,14 +131,7 @@ class Job:
             pytest.fail(f"the job did not end within {timeout} s:\n{self.output()[-5000:]}")
 
     def kill(self) -> None:
-        """SIGKILL every rank (with its data loader workers: each rank leads its own process group) and torchrun.
-        Nothing once torchrun has ended: it waits for its ranks, and their pids may belong to others by now."""
-        if self.proc.poll() is not None:
-            return
-        for pid in self._find_ranks().values():
-            os.killpg(pid, signal.SIGKILL)
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        kill(self.proc)
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:

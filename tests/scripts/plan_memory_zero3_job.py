@@ -56,3 +56,4 @@ def main(out_dir: str, *models: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    dist.exit_process(0)

@@ -121,11 +121,14 @@ class LocalSlurm:
             return False
         return sorted(s for s in states if s.endswith(" idle")) == [f"{n} idle" for n in NODES]
 
+    def cancel_all(self) -> None:
+        self.cmd("scancel", f"--user={_user()}")
+        _wait(lambda: not self.cmd("squeue", "--noheader"), 60, "cancelled jobs to end")
+
     def stop(self) -> None:
         # Jobs outlive the daemons (their slurmstepd keep running): cancel them first.
         try:
-            self.cmd("scancel", f"--user={_user()}")
-            _wait(lambda: not self.cmd("squeue", "--noheader"), 30, "cancelled jobs to end")
+            self.cancel_all()
             self.cmd("scontrol", "shutdown")
         except RuntimeError as err:
             print(f"local SLURM teardown: {err}")
@@ -178,3 +181,10 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_slurm_job_outlives_its_test(slurm):
+    """A test that failed while its job ran leaves nothing queued or running for the next one."""
+    yield
+    slurm.cancel_all()
