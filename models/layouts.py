@@ -44,7 +44,8 @@ def detect_layout(state_dict: dict) -> str:
     """"hf", "timm" or "official" (SimMIM's `encoder.*` names count as official)."""
     if any(k.endswith(_HF_STEM) for k in state_dict):
         return "hf"
-    if "layers.0.downsample.reduction.weight" not in state_dict and "layers.1.downsample.reduction.weight" in state_dict:
+    if ("layers.0.downsample.reduction.weight" not in state_dict
+            and "layers.1.downsample.reduction.weight" in state_dict):
         return "timm"
     return "official"
 
@@ -187,7 +188,8 @@ def arch_from_hf_config(config: dict) -> dict:
         raise ValueError("this transformers Swinv2 uses absolute position embeddings, which SwinV2 does not have")
     return {"img_size": config.get("image_size", 224), "patch_size": config.get("patch_size", 4),
             "in_chans": config.get("num_channels", 3), "embed_dim": config.get("embed_dim", 96),
-            "depths": list(config.get("depths", (2, 2, 6, 2))), "num_heads": list(config.get("num_heads", (3, 6, 12, 24))),
+            "depths": list(config.get("depths", (2, 2, 6, 2))),
+            "num_heads": list(config.get("num_heads", (3, 6, 12, 24))),
             "window_size": config.get("window_size", 7),
             "pretrained_window_sizes": list(config.get("pretrained_window_sizes", (0, 0, 0, 0))),
             "mlp_ratio": config.get("mlp_ratio", 4.0)}
@@ -202,8 +204,12 @@ def read_weights(path: str | Path) -> dict:
             raise FileNotFoundError(f"{path} holds no {HF_WEIGHTS} (a transformers folder)")
         path = path / HF_WEIGHTS
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a safetensors file ({err})") from None
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from models import layouts
 from models.swinv2 import block_window
 from pretrain import rundir
 from pretrain.checkpoint import LATEST, read_client_states, tag_step
@@ -63,6 +64,8 @@ def read_weights(source: Source) -> dict[str, torch.Tensor]:
     if source.config is not None:
         tag_dir = source.tag_dir
         return engine_class(source.config.engine.name).read_weights(tag_dir.parent, tag_dir.name)
+    if source.path.suffix == ".safetensors":  # convert_checkpoint.py's pickle-free export (any layout)
+        return layouts.read_weights(source.path)
     try:
         state = torch.load(source.path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -62,8 +62,8 @@ def test_ours_to_timm(ours, export, geometry, num_classes, tmp_path, capsys):
     name, kwargs = layouts.timm_model_args(tiny(*geometry), num_classes)
     assert name.startswith("swinv2_tiny_window")
     assert f"timm.create_model({name!r}" in capsys.readouterr().out
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(out), num_classes=num_classes),
-                              **kwargs).eval()
+    overlay = dict(file=str(out), num_classes=num_classes)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
     x = torch.randn(1, 3, geometry[0], geometry[0])
     with torch.no_grad():
         same(model(x), outputs(ours, x))
