@@ -38,6 +38,8 @@ _HF_BLOCK = (("attn.logit_scale", "attention.self.logit_scale"),
 _HF_QKV = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
 _HF_PREFIX = "swinv2."  # Swinv2PreTrainedModel.base_model_prefix
 _HF_STEM = "embeddings.patch_embeddings.projection.weight"
+# Official checkpoints (and timm's, as buffers) store these; every layout rebuilds them for the target window.
+REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask", "attn.k_bias")
 
 
 def detect_layout(state_dict: dict) -> str:
@@ -51,8 +53,12 @@ def detect_layout(state_dict: dict) -> str:
 
 
 def to_official(state_dict: dict) -> dict:
-    """Official names for a state dict in any layout (a transformers one keeps only `swinv2.*` / bare model
-    weights and the classifier: a masked-image-modelling decoder is dropped)."""
+    """Official names for a state dict in any layout, without the shape-derived buffers that every layout
+    rebuilds for its window (`REBUILT_BUFFERS`) and with the early official `rpe_mlp` renamed `cpb_mlp`. A
+    transformers one keeps only `swinv2.*` / bare model weights and the classifier (a masked-image-modelling
+    decoder is dropped)."""
+    state_dict = {k.replace("rpe_mlp", "cpb_mlp"): v for k, v in state_dict.items()
+                  if not any(b in k for b in REBUILT_BUFFERS)}
     layout = detect_layout(state_dict)
     if layout == "hf":
         return _from_hf(state_dict)
@@ -96,7 +102,7 @@ def _timm_name(name: str, to_timm: bool) -> str:
         return f"layers.{int(stage) + (1 if to_timm else -1)}.{rest}"
     if to_timm:
         return name.replace("head.", "head.fc.", 1) if name.startswith("head.") else name
-    return name.replace("head.fc.", "head.", 1)
+    return name.replace("head.fc.", "head.", 1) if name.startswith("head.fc.") else name
 
 
 def _swap(name: str, pairs, reverse: bool) -> str | None:
@@ -116,6 +122,16 @@ def _block(name: str) -> tuple[str, str] | None:
     return f"{head}.blocks.{j}.", suffix
 
 
+def _hf_name(name: str, reverse: bool) -> str | None:
+    """The transformers name of an official one (reverse: the official name of a transformers one), for all
+    but the q/k/v weights; None for a name with no counterpart."""
+    block = _block(name)
+    if block is None:
+        return _swap(name, _HF_TOP, reverse)
+    rest = _swap(block[1], _HF_BLOCK, reverse)
+    return rest and _swap(block[0], _HF_TOP, reverse) + rest
+
+
 def _to_hf(state_dict: dict) -> dict:
     prefix = _HF_PREFIX if any(k.startswith("head.") for k in state_dict) else ""
     out = {}
@@ -126,11 +142,7 @@ def _to_hf(state_dict: dict) -> dict:
             for suffix, part in zip(_HF_QKV, v.chunk(3)):
                 out[prefix + stem + suffix] = part.clone()  # its own storage: safetensors refuses shared ones
             continue
-        if block:
-            hf = _swap(block[1], _HF_BLOCK, reverse=False)
-            hf = hf and _swap(block[0], _HF_TOP, reverse=False) + hf
-        else:
-            hf = _swap(name, _HF_TOP, reverse=False)
+        hf = _hf_name(name, reverse=False)
         if hf is None:
             raise ValueError(f"{name}: no transformers Swinv2 counterpart")
         out[hf if hf.startswith("classifier.") else prefix + hf] = v
@@ -146,11 +158,7 @@ def _from_hf(state_dict: dict) -> dict:
         if block and block[1] in _HF_QKV:
             qkv.setdefault(block[0], {})[block[1]] = v
             continue
-        if block:
-            ours = _swap(block[1], _HF_BLOCK, reverse=True)
-            ours = ours and _swap(block[0], _HF_TOP, reverse=True) + ours
-        else:
-            ours = _swap(name, _HF_TOP, reverse=True)
+        ours = _hf_name(name, reverse=True)
         if ours is not None:  # anything else (a masked-image-modelling decoder) is not the backbone
             out[ours] = v
     for stem, parts in qkv.items():

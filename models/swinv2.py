@@ -457,15 +457,11 @@ class SwinTransformerV2(nn.Module):
         return self.head(self.forward_features(x).mean(1))
 
 
-# Official checkpoints store these; here they are rebuilt for the target window (attn_mask as attn_regions).
-_REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask", "attn.k_bias")
-
-
 def checkpoint_filter_fn(state_dict: dict, model: SwinTransformerV2) -> dict:
-    """Map a foreign state dict onto this model's (official) keys: unwraps `model`/`state_dict`, maps timm's and
-    transformers' layouts (models.layouts), strips a SimMIM `encoder.` prefix (dropping the decoder), renames
-    `rpe_mlp` -> `cpb_mlp`, and drops the buffers rebuilt for the target window. A head whose shape differs
-    from the model's (or a headless model) is dropped."""
+    """Map a foreign state dict onto this model's (official) keys: unwraps `model`/`state_dict`, maps the
+    layouts of timm and transformers and drops the buffers rebuilt for the target window (`layouts.to_official`;
+    attn_mask is rebuilt here as attn_regions), strips a SimMIM `encoder.` prefix (dropping the decoder). A
+    head whose shape differs from the model's (or a headless model) is dropped."""
     for key in ("model", "state_dict", "module"):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
@@ -475,9 +471,8 @@ def checkpoint_filter_fn(state_dict: dict, model: SwinTransformerV2) -> dict:
     own = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        if any(b in k for b in _REBUILT_BUFFERS) or k == "mask_token" and "mask_token" not in own:
+        if k == "mask_token" and "mask_token" not in own:
             continue
-        k = k.replace("rpe_mlp", "cpb_mlp")
         if k.startswith("head.") and (k not in own or own[k].shape != v.shape):
             continue
         out[k] = v
