@@ -11,6 +11,7 @@
 Neither computes the extra main-branch LayerNorm of H/G (`norm3`, `extra_norm_period`) nor the linear-spaced
 CPB (`cpb_coords: linear`): `inexpressible` names what a layout cannot hold.
 """
+import pickle
 from pathlib import Path
 
 import torch
@@ -205,7 +206,8 @@ def arch_from_hf_config(config: dict) -> dict:
 
 def read_weights(path: str | Path) -> dict:
     """A state dict from a file or a transformers folder, without unpickling anything but tensors:
-    `.safetensors`, a transformers folder (`model.safetensors`), else torch.load(weights_only=True)."""
+    `.safetensors`, a transformers folder (`model.safetensors`), else torch.load(weights_only=True). A file
+    that is none of these, or pickles objects, is a ValueError that starts with its path."""
     path = Path(path)
     if path.is_dir():
         if not (path / HF_WEIGHTS).is_file():
@@ -218,7 +220,13 @@ def read_weights(path: str | Path) -> dict:
             return load_file(path)
         except SafetensorError as err:
             raise ValueError(f"{path}: not a safetensors file ({err})") from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not a plain tensor file (it pickles objects, which are never loaded): "
+                         f"{str(err).splitlines()[0]}") from None
+    except (EOFError, KeyError, IndexError, RuntimeError) as err:  # empty, truncated or not torch's format at all
+        raise ValueError(f"{path}: not a torch checkpoint file ({type(err).__name__}: {err})") from None
 
 
 def save_safetensors(state_dict: dict, path: Path, metadata: dict | None = None) -> None:

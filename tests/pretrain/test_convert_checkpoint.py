@@ -168,6 +168,17 @@ def test_bad_folders_are_named(tmp_path, capsys):
     assert "step9 is not a checkpoint" in convert_error(capsys, tmp_path / "ckpt", tmp_path / "x.pt")
 
 
+class Opaque:  # any class outside torch's weights_only allow-list
+    pass
+
+
+def test_an_export_that_pickles_objects_is_refused(tmp_path, capsys):
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(1)}, "args": Opaque()}, tmp_path / "w.pth")
+    err = convert_error(capsys, tmp_path / "w.pth", tmp_path / "x.safetensors")
+    assert "w.pth: not a plain tensor file" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_torch_distributed_checkpoint_converts_too(tmp_path):
     """The FSDP2 engine's format: a DCP folder whose state holds `model` (and `optim`)."""
     model = SwinTransformerV2(num_classes=5, **TINY).eval()
@@ -224,11 +235,16 @@ def _fsdp_run(tmp_path: Path, cpb_coords: str = "log") -> SwinTransformerV2:
     return model
 
 
-def test_fsdp_run_dir_exports_to_transformers_with_the_geometry_of_its_config(tmp_path):
+def test_fsdp_run_dir_exports_to_transformers_with_the_geometry_of_its_config(tmp_path, capsys):
     model = _fsdp_run(tmp_path)
-    convert(tmp_path, tmp_path / "hf", "--to", "hf")
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    err = convert_error(capsys, tmp_path, tmp_path / "hf", "--to", "hf", "--labels", tmp_path / "three.txt")
+    assert "3 lines, but the head has 5 classes" in err
+    (tmp_path / "labels.txt").write_text("circle\nsquare\ntriangle\nstar\ncross\n")
+    convert(tmp_path, tmp_path / "hf", "--to", "hf", "--labels", tmp_path / "labels.txt")
     classifier = Swinv2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
     assert (classifier.config.image_size, classifier.config.window_size) == (32, 4)
+    assert classifier.config.id2label[2] == "triangle" and classifier.config.label2id["cross"] == 4
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(classifier(pixel_values=images).logits, model(images), rtol=0, atol=1e-4)
