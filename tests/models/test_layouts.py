@@ -105,6 +105,13 @@ def test_transformers_to_ours(geometry, num_classes, tmp_path):
             again = SwinTransformerV2(num_classes=num_classes, **cfg).eval()
             load_pretrained(again, hf.state_dict())
             same(again(x), out.logits)
+    if num_classes:  # and the converter takes the folder, with the geometry of its config.json
+        convert([str(tmp_path / "hf"), str(tmp_path / "timm.safetensors"), "--to", "timm"])
+        name, kwargs = layouts.timm_model_args(cfg, num_classes)
+        overlay = dict(file=str(tmp_path / "timm.safetensors"), num_classes=num_classes)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+        with torch.no_grad():
+            same(model(x), out.logits)
 
 
 def test_round_trip_through_each_layout_is_exact():
