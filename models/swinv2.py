@@ -17,11 +17,14 @@ Three additions the official code lacks:
 """
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from models import layouts
 
 GRAD_CHECKPOINTING_MODES = ("none", "torch", "torch_reentrant", "fairscale", "fairscale_offload")
 ATTN_IMPLS = ("sdpa", "plain")
@@ -454,42 +457,35 @@ class SwinTransformerV2(nn.Module):
         return self.head(self.forward_features(x).mean(1))
 
 
-# Official checkpoints store these; here they are rebuilt for the target window (attn_mask as attn_regions).
-_REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask", "attn.k_bias")
-
-
 def checkpoint_filter_fn(state_dict: dict, model: SwinTransformerV2) -> dict:
-    """Map a foreign state dict onto this model's (official) keys: unwraps `model`/`state_dict`, strips a
-    SimMIM `encoder.` prefix (dropping the decoder), renames `rpe_mlp` -> `cpb_mlp`, undoes timm's layout
-    (downsample at the start of the next stage, `head.fc.`), and drops the buffers rebuilt for the target
-    window. A head whose shape differs from the model's (or a headless model) is dropped."""
+    """Map a foreign state dict onto this model's (official) keys: unwraps `model`/`state_dict`, maps the
+    layouts of timm and transformers and drops the buffers rebuilt for the target window (`layouts.to_official`;
+    attn_mask is rebuilt here as attn_regions), strips a SimMIM `encoder.` prefix (dropping the decoder). A
+    head whose shape differs from the model's (or a headless model) is dropped."""
     for key in ("model", "state_dict", "module"):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
+    state_dict = layouts.to_official(state_dict)
     if any(k.startswith("encoder.") for k in state_dict):
         state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-    timm_layout = ("layers.0.downsample.reduction.weight" not in state_dict
-                   and "layers.1.downsample.reduction.weight" in state_dict)
     own = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        if any(b in k for b in _REBUILT_BUFFERS) or k == "mask_token" and "mask_token" not in own:
+        if k == "mask_token" and "mask_token" not in own:
             continue
-        k = k.replace("rpe_mlp", "cpb_mlp")
-        if timm_layout:
-            if ".downsample." in k:
-                i = int(k.split(".")[1])
-                k = k.replace(f"layers.{i}.", f"layers.{i - 1}.", 1)
-            k = k.replace("head.fc.", "head.")
         if k.startswith("head.") and (k not in own or own[k].shape != v.shape):
             continue
         out[k] = v
     return out
 
 
-def load_pretrained(model: SwinTransformerV2, state_dict: dict):
-    """Load a checkpoint in any known layout. Everything but the head must match: unexpected keys or
-    shape mismatches raise, a missing head is reported in the returned IncompatibleKeys."""
+def load_pretrained(model: SwinTransformerV2, state_dict: dict | str | Path):
+    """Load a checkpoint in any known layout (official, SimMIM, timm, transformers), given as a state dict or
+    as a path (a `.safetensors` or torch file, or a transformers folder; see `layouts.read_weights`).
+    Everything but the head must match: unexpected keys or shape mismatches raise, a missing head is reported
+    in the returned IncompatibleKeys."""
+    if isinstance(state_dict, (str, Path)):
+        state_dict = layouts.read_weights(state_dict)
     filtered = checkpoint_filter_fn(state_dict, model)
     own = model.state_dict()
     unexpected = sorted(set(filtered) - set(own))

@@ -10,7 +10,6 @@ that the model rebuilds for its own window; they are never loaded.
 """
 from __future__ import annotations
 
-import pickle
 from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from models import layouts
 from models.swinv2 import block_window
 from pretrain import rundir
 from pretrain.checkpoint import LATEST, read_client_states, tag_step
@@ -64,14 +64,10 @@ def read_weights(source: Source) -> dict[str, torch.Tensor]:
     if source.config is not None:
         tag_dir = source.tag_dir
         return engine_class(source.config.engine.name).read_weights(tag_dir.parent, tag_dir.name)
-    try:
-        state = torch.load(source.path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"stage.init_from={source.path}: not a plain tensor file (it pickles objects, which are "
-                         f"never loaded): {str(err).splitlines()[0]}") from None
-    except (EOFError, KeyError, IndexError, RuntimeError) as err:  # empty, truncated or not torch's format at all
-        raise ValueError(f"stage.init_from={source.path}: not a torch checkpoint file "
-                         f"({type(err).__name__}: {err})") from None
+    try:  # a torch file, or convert_checkpoint.py's pickle-free .safetensors export (any layout)
+        state = layouts.read_weights(source.path)
+    except ValueError as err:  # the message starts with the path
+        raise ValueError(f"stage.init_from={err}") from None
     return state["model"] if isinstance(state.get("model"), dict) else state
 
 

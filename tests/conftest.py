@@ -1,11 +1,16 @@
-"""Suite-wide rules: no job outlives the test that started it, and soak tests run only when asked for."""
+"""Suite-wide rules: no job outlives the test that started it, soak tests run only when asked for, and
+nothing is fetched from a model hub."""
 import ctypes
 import os
 
-import psutil
-import pytest
+# Every model a test builds is local: a Hugging Face hub lookup from timm or transformers would be a bug.
+# Set before either library is imported, since huggingface_hub reads it at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tests.torchrun import kill_tree
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.torchrun import kill_tree  # noqa: E402
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from models import layouts
 from models.swinv2 import (SwinTransformerV2, load_pretrained, region_mask, relative_coords_table,
                            relative_position_index)
 from swinv2_cases import MICRO, model_cfg, randomize_
@@ -42,6 +43,14 @@ def test_official_checkpoint_with_buffers_loads(source):
     target, result = _check_same_outputs(source, {"model": sd, "epoch": 3})
     assert not result.missing_keys and not result.unexpected_keys
     torch.testing.assert_close(target.head.weight, source.head.weight)
+
+
+def test_official_checkpoint_buffers_are_left_out_of_the_weights_other_layouts_get(source):
+    """convert_checkpoint.py turns a microsoft/Swin-Transformer `.pth` into timm or transformers weights."""
+    sd = layouts.to_official(_official_state_dict(source))
+    assert sd.keys() == source.state_dict().keys()
+    for layout in layouts.LAYOUTS:
+        assert layouts.to_official(layouts.from_official(sd, layout)).keys() == sd.keys()
 
 
 def test_old_rpe_mlp_names_are_renamed(source):

@@ -6,9 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
+from transformers import AutoModel, Swinv2ForImageClassification
 
+from models import layouts
 from models.simmim import SimMIM
 from models.swinv2 import SwinTransformerV2, load_pretrained
 
@@ -164,6 +168,17 @@ def test_bad_folders_are_named(tmp_path, capsys):
     assert "step9 is not a checkpoint" in convert_error(capsys, tmp_path / "ckpt", tmp_path / "x.pt")
 
 
+class Opaque:  # any class outside torch's weights_only allow-list
+    pass
+
+
+def test_an_export_that_pickles_objects_is_refused(tmp_path, capsys):
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(1)}, "args": Opaque()}, tmp_path / "w.pth")
+    err = convert_error(capsys, tmp_path / "w.pth", tmp_path / "x.safetensors")
+    assert "w.pth: not a plain tensor file" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_torch_distributed_checkpoint_converts_too(tmp_path):
     """The FSDP2 engine's format: a DCP folder whose state holds `model` (and `optim`)."""
     model = SwinTransformerV2(num_classes=5, **TINY).eval()
@@ -176,3 +191,67 @@ def test_torch_distributed_checkpoint_converts_too(tmp_path):
     for k, v in model.state_dict().items():
         assert state_dict[k].dtype == torch.float32
         torch.testing.assert_close(state_dict[k], v.to(torch.bfloat16).float())
+
+
+def pooled_features(to: str, out: Path, images: torch.Tensor) -> torch.Tensor:
+    """The headless export `out` loaded by the library it was written for, and its pooled features."""
+    with torch.no_grad():
+        if to == "official":
+            model = SwinTransformerV2(num_classes=0, **TINY).eval()
+            load_pretrained(model, out)
+            return model.forward_features(images).mean(1)
+        if to == "timm":
+            name, kwargs = layouts.timm_model_args({**TINY, "in_chans": 3, "mlp_ratio": 4.0}, 0)
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(out), num_classes=0),
+                                     **kwargs).eval()(images)
+        return AutoModel.from_pretrained(out).eval()(pixel_values=images).pooler_output
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("to", layouts.LAYOUTS)
+def test_simmim_run_encoder_exports_to_each_layout(simmim_zero2_run, to, tmp_path):
+    out = tmp_path / {"official": "encoder.safetensors", "timm": "timm.safetensors", "hf": "hf"}[to]
+    # the DeepSpeed run dir records no config.yaml: the geometry comes from the options
+    convert(simmim_zero2_run, out, "--to", to, "--img-size", 32, "--window-size", 4,
+            *(["--encoder-only"] if to == "official" else []))
+    convert(simmim_zero2_run, tmp_path / "full.pt")
+    simmim = SimMIM(encoder_stride=8, norm_target=False, **TINY).eval()
+    simmim.load_state_dict(torch.load(tmp_path / "full.pt", weights_only=True)["model"], strict=True)
+    images = torch.load(simmim_zero2_run / "outputs.pt", weights_only=True)["images"]
+    with torch.no_grad():  # with nothing masked the SimMIM encoder is the bare SwinV2
+        expected = simmim.encoder(images, torch.zeros(2, 8, 8)).flatten(2).mean(2)
+    torch.testing.assert_close(pooled_features(to, out, images), expected, rtol=0, atol=1e-4)
+
+
+def _fsdp_run(tmp_path: Path, cpb_coords: str = "log") -> SwinTransformerV2:
+    """A DCP checkpoint as the FSDP2 engine saves it, in a run dir whose config.yaml records the geometry."""
+    torch.manual_seed(0)
+    model = SwinTransformerV2(num_classes=5, **TINY).eval()
+    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp_path / "checkpoints" / "step_00000007", no_dist=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000007")
+    config = {"model": {**TINY, "depths": list(TINY["depths"]), "num_heads": list(TINY["num_heads"]),
+                        "pretrained_window_sizes": [0, 0], "cpb_coords": cpb_coords}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return model
+
+
+def test_fsdp_run_dir_exports_to_transformers_with_the_geometry_of_its_config(tmp_path, capsys):
+    model = _fsdp_run(tmp_path)
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    err = convert_error(capsys, tmp_path, tmp_path / "hf", "--to", "hf", "--labels", tmp_path / "three.txt")
+    assert "3 lines, but the head has 5 classes" in err
+    (tmp_path / "labels.txt").write_text("circle\nsquare\ntriangle\nstar\ncross\n")
+    convert(tmp_path, tmp_path / "hf", "--to", "hf", "--labels", tmp_path / "labels.txt")
+    classifier = Swinv2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert (classifier.config.image_size, classifier.config.window_size) == (32, 4)
+    assert classifier.config.id2label[2] == "triangle" and classifier.config.label2id["cross"] == 4
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(pixel_values=images).logits, model(images), rtol=0, atol=1e-4)
+
+
+def test_linear_position_bias_is_refused_for_timm(tmp_path, capsys):
+    _fsdp_run(tmp_path, cpb_coords="linear")
+    err = convert_error(capsys, tmp_path, tmp_path / "timm.safetensors", "--to", "timm")
+    assert "only the log-spaced position bias" in err and "cpb_coords=linear" in err
+    assert not (tmp_path / "timm.safetensors").exists()

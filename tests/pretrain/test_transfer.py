@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from models.swinv2 import WindowAttention, relative_coords_table
 from pretrain import rundir, transfer
@@ -109,6 +110,17 @@ def test_a_missing_source_is_named(tmp_path):
         FinetuneStage(config("finetune", tmp_path), CTX)
     with pytest.raises(ConfigError, match="stage.init_from=/nowhere"):
         FinetuneStage(config("eval", tmp_path, "stage.init_from=/nowhere"), CTX)
+
+
+def test_a_safetensors_weights_file_is_read_without_torch_load(tmp_path):
+    weights = {"patch_embed.proj.weight": torch.randn(8, 3, 4, 4)}
+    save_file(weights, tmp_path / "weights.safetensors")
+    read = transfer.read_weights(transfer.resolve_source(str(tmp_path / "weights.safetensors"), ""))
+    assert read.keys() == weights.keys()
+    assert torch.equal(read["patch_embed.proj.weight"], weights["patch_embed.proj.weight"])
+    (tmp_path / "bad.safetensors").write_bytes(b"hello")
+    with pytest.raises(ValueError, match="stage.init_from=.*bad.safetensors: not a safetensors file"):
+        transfer.read_weights(transfer.resolve_source(str(tmp_path / "bad.safetensors"), ""))
 
 
 @pytest.mark.parametrize("content", [b"", b"hello", b"PK\x03\x04 truncated zip"])
