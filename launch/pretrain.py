@@ -19,6 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
 from pretrain import config, dist  # noqa: E402
+from pretrain.preflight import preflight  # noqa: E402
 
 config.register_configs()
 
@@ -36,18 +37,19 @@ for category, module, message in THIRD_PARTY_DEPRECATIONS:
 @record  # torchrun's failure summary then shows each rank's error, not only its exit code
 def main(raw: DictConfig) -> None:
     dist.setup_env()
+    world_size = dist.world_size_from_env()
     try:
-        cfg = config.finalize(raw, dist.world_size_from_env(), check_files=True)
+        start = preflight(config.finalize(raw, world_size), world_size)
     except config.ConfigError as err:
         sys.exit(f"config error: {err}")
-    if isinstance(cfg.stage, config.EvalStageConfig):
+    if isinstance(start.cfg.stage, config.EvalStageConfig):
         from pretrain.evaluate import evaluate  # no training: one evaluation of a checkpoint
-        evaluate(cfg)
+        evaluate(start)
         return
     from pretrain.trainer import TrainingHalted, train  # heavy imports only once the config is known to be good
     try:
-        with dist.peer_failures_named(cfg.resilience.collective_timeout_s):
-            train(cfg)
+        with dist.peer_failures_named(start.cfg.resilience.collective_timeout_s):
+            train(start)
     except TrainingHalted as halt:
         sys.exit(f"training stopped: {halt}")  # on every rank, after the process group shut down together
 

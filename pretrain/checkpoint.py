@@ -1,5 +1,9 @@
 """Checkpoints in the run dir: engine state + per-rank client state, a `latest` marker, keep the last K.
 
+The client state is the state of every part of the run that registered itself with `track(name, part)` (the
+data loader, the step guard, the EMA, ...): each part's `state_dict()` is saved under its name and handed back
+to its `load_state_dict` on resume or rollback, with the step and this rank's RNG.
+
 A save writes into `<tag>.partial/`, which rank 0 renames to `<tag>/` and then names in `latest` once every
 rank has written its part. A process killed mid-save leaves only a `.partial` folder, which nothing loads and
 the next save removes; a save that fails (disk full, unwritable directory) fails on every rank together and
@@ -11,21 +15,26 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from pretrain import dist
+from pretrain import dist, rundir
 from pretrain.dist import DistContext
 from pretrain.engine import Engine
 from pretrain.engine.base import SaveFailed, write_error
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 PARTIAL = ".partial"  # suffix of a checkpoint being written
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 class CheckpointError(RuntimeError):
@@ -62,6 +71,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class BatchLayout:
+    """The batch arithmetic of a run, kept in its checkpoints so that a resume on another world size says how
+    the batch it continues was made."""
+
+    def __init__(self, global_batch: int, micro_batch: int, world_size: int):
+        self.layout = {"global_batch": global_batch, "micro_batch": micro_batch, "world_size": world_size}
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.layout)
+
+    def load_state_dict(self, saved: dict[str, int] | None) -> None:
+        if saved and saved["world_size"] != self.layout["world_size"]:
+            g, m, w = saved["global_batch"], saved["micro_batch"], saved["world_size"]
+            log.info("it was saved with global batch %d = micro %d x accumulation %d x world %d", g, m, g // (m * w), w)
+
+
 def client_file(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"client_rank{rank:05d}.pt"
 
@@ -75,22 +100,31 @@ def read_client_states(tag_dir: Path) -> list[dict[str, Any]]:
 class Checkpointer:
     def __init__(self, directory: Path, ctx: DistContext, keep_last: int):
         self.dir, self.ctx, self.keep_last = directory, ctx, keep_last
+        self.parts: dict[str, Stateful] = {}
+        self.per_rank: set[str] = set()
+
+    def track(self, name: str, part: Stateful, *, reshards: bool = False) -> None:
+        """Save `part` in every checkpoint and restore it on load. `reshards`: on a resume with another world
+        size the part takes the list of every saved rank's state (the data loader re-splits its stream from
+        them); any other part then takes rank 0's."""
+        self.parts[name] = part
+        if reshards:
+            self.per_rank.add(name)
 
     def _client_file(self, tag: str, rank: int) -> Path:
         return client_file(self.dir / tag, rank)
 
     def latest_tag(self) -> str | None:
-        marker = self.dir / LATEST
-        return marker.read_text().strip() if marker.exists() else None
+        return rundir.latest_tag(self.dir)
 
-    def save(self, engine: Engine, step: int, client_state: dict[str, Any]) -> str:
+    def save(self, engine: Engine, step: int) -> str:
         """Collective: every rank writes its shard and its own client state into `<tag>.partial/`, then rank 0
         renames it to `<tag>/`, points `latest` at it and prunes. After each of the three phases the ranks agree
         on the outcome: if any rank's part failed, every rank raises CheckpointError."""
         tag = step_tag(step)
         partial = self.dir / f"{tag}{PARTIAL}"
         self._agree(tag, _failure(self._prepare, partial) if self.ctx.is_main else "")
-        client = {**client_state, "step": step, "rng": rng_state()}
+        client = {**{name: part.state_dict() for name, part in self.parts.items()}, "step": step, "rng": rng_state()}
         self._agree(tag, self._write(engine, partial, client))
         self._agree(tag, _failure(self._commit, partial, tag) if self.ctx.is_main else "")
         log.info("saved checkpoint %s", self.dir / tag)
@@ -119,9 +153,9 @@ class Checkpointer:
         if final.exists():  # an earlier save of this step that never became `latest`
             shutil.rmtree(final)
         partial.rename(final)
-        tmp = self.dir / f"{LATEST}.tmp"
+        tmp = self.dir / f"{rundir.LATEST}.tmp"
         tmp.write_text(tag)
-        tmp.replace(self.dir / LATEST)
+        tmp.replace(self.dir / rundir.LATEST)
         self._prune()
 
     def _agree(self, tag: str, error: str) -> None:
@@ -139,12 +173,13 @@ class Checkpointer:
     def saved_world_size(self, tag: str) -> int:
         return len(list((self.dir / tag).glob("client_rank*.pt")))
 
-    def load(self, engine: Engine, tag: str) -> dict[str, Any]:
-        """Collective: restore engine state, this rank's RNG, and return its client state.
+    def load(self, engine: Engine, tag: str, parts: Iterable[str] | None = None) -> int:
+        """Collective: restore the engine state, this rank's RNG and the tracked `parts` (default: all); the
+        step saved.
 
-        On another world size than the save's, the engine reshards its own state, the client state is rank
-        0's with `loader` replaced by the list of every old rank's loader state (data.shards re-splits the
-        stream from it), and a rank without an old counterpart keeps its freshly seeded RNG.
+        On another world size than the save's, the engine reshards its own state, a part that `reshards` takes
+        every old rank's state and any other part rank 0's, and a rank without an old counterpart keeps its
+        freshly seeded RNG.
         """
         saved = self.saved_world_size(tag)
         if saved == 0:
@@ -152,18 +187,18 @@ class Checkpointer:
         engine.load(self.dir, tag)
         if saved == self.ctx.world_size:
             client = torch.load(self._client_file(tag, self.ctx.rank), weights_only=True)
-            set_rng_state(client.pop("rng"))
-            return client
-        clients = read_client_states(self.dir / tag)
-        if self.ctx.rank < saved:
-            set_rng_state(clients[self.ctx.rank]["rng"])
-        old = OmegaConf.create(clients[0]["config"]).stage
-        log.info("resuming %s on another world size: %d -> %d ranks; it was saved with global batch %d = micro "
-                 "%d x accumulation %d x world %d", self.dir / tag, saved, self.ctx.world_size, old.global_batch,
-                 old.micro_batch, old.global_batch // (old.micro_batch * saved), saved)
-        client = {k: v for k, v in clients[0].items() if k != "rng"}
-        client["loader"] = [c["loader"] for c in clients]
-        return client
+            states = {name: client.get(name) for name in self.parts}
+        else:
+            clients = read_client_states(self.dir / tag)
+            client = clients[self.ctx.rank] if self.ctx.rank < saved else {}
+            states = {name: [c[name] for c in clients] if name in self.per_rank else clients[0].get(name)
+                      for name in self.parts}
+            log.info("resuming %s on another world size: %d -> %d ranks", self.dir / tag, saved, self.ctx.world_size)
+        if "rng" in client:
+            set_rng_state(client["rng"])
+        for name in self.parts if parts is None else parts:
+            self.parts[name].load_state_dict(states[name])
+        return tag_step(tag)
 
     def _prune(self) -> None:
         tags = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))

@@ -1,10 +1,9 @@
 """Structured configs: the typed shape of the Hydra tree in conf/.
 
 Every yaml group is merged over one of these dataclasses, so a wrong key or type fails while Hydra
-composes. Value checks that a type cannot express live in `validate`; `validate_files` checks the files the
-config names (data shards, init_from), which the launcher does on every rank before anything is built.
-Experiments set values per stage under `stages.<name>`; `finalize` merges the chosen stage's entry over the
-whole config.
+composes. Value checks that a type cannot express live in `validate`; the files the config names are checked
+by pretrain.preflight. Experiments set values per stage under `stages.<name>`; `finalize` merges the chosen
+stage's entry over the whole config. This module is the bottom of pretrain/: it imports none of the others.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.shards import shard_list
 from models.swinv2 import block_window
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -229,9 +227,8 @@ def available_stages() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
 
 
-def finalize(cfg: DictConfig, world_size: int, *, check_files: bool = False) -> Config:
-    """Apply the chosen stage's overlay, check values (and with check_files the files they name), and return
-    the typed config."""
+def finalize(cfg: DictConfig, world_size: int) -> Config:
+    """Apply the chosen stage's overlay, check values and return the typed config."""
     if OmegaConf.is_missing(cfg, "stage"):
         raise ConfigError(f"no stage chosen: add +stage=NAME, one of {available_stages()}")
     name = cfg.stage.name
@@ -248,8 +245,6 @@ def finalize(cfg: DictConfig, world_size: int, *, check_files: bool = False) -> 
     except OmegaConfBaseException as err:  # e.g. a mandatory value (???) left unset
         raise ConfigError(f"{err.full_key}: {err.msg.splitlines()[0]}") from None
     validate(config, world_size)
-    if check_files:
-        validate_files(config, world_size)
     return config
 
 
@@ -286,7 +281,7 @@ def _validate_windows(m: ModelConfig) -> None:
                f"{m.img_size} / patch_size {m.patch_size} / 2^{i}); a map no larger than the window is one window")
 
 
-def _evaluates(cfg: Config) -> bool:
+def evaluates(cfg: Config) -> bool:
     return isinstance(cfg.stage, (SupervisedStageConfig, EvalStageConfig)) and bool(cfg.data.val_urls)
 
 
@@ -328,26 +323,6 @@ def validate(cfg: Config, world_size: int) -> None:
                "stage.mask_patch_size", "must divide model.img_size and be a multiple of model.patch_size")
         _check(0 < st.mask_ratio < 1, "stage.mask_ratio", "must be in (0, 1)")
         _check(st.norm_target_patch % 2 == 1, "stage.norm_target_patch", "must be odd")
-
-
-def _check_shards(key: str, urls: str, cfg: Config, world_size: int, resampled: bool) -> None:
-    try:
-        shard_list(urls, world_size=world_size, num_workers=cfg.data.num_workers, resampled=resampled)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}: {err}") from None
-
-
-def validate_files(cfg: Config, world_size: int) -> None:
-    """The files the config names: its local data shards exist and are enough for every rank x worker (remote
-    ones, pipe: or http://, are only tried when read), and stage.init_from is a weights file or a finished run."""
-    if not isinstance(cfg.stage, EvalStageConfig):
-        _check_shards("data.train_urls", cfg.data.train_urls, cfg, world_size, cfg.data.resampled)
-    if _evaluates(cfg):
-        _check_shards("data.val_urls", cfg.data.val_urls, cfg, world_size, resampled=False)
-    if isinstance(cfg.stage, (SupervisedStageConfig, EvalStageConfig)):
-        from pretrain.stages import stage_class  # the training code, which imports this module
-
-        stage_class(cfg).init_source(cfg)
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

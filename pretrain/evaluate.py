@@ -15,10 +15,10 @@ import logging
 from omegaconf import OmegaConf
 
 from pretrain import dist, rundir
-from pretrain.config import Config
 from pretrain.ema import ema_metrics
 from pretrain.engine import build_engine
 from pretrain.loggers import RunLogger
+from pretrain.preflight import Start
 from pretrain.stages import FinetuneStage
 from pretrain.trainer import seed_all
 
@@ -30,11 +30,12 @@ def summary_line(metrics: dict[str, float], prefix: str = "eval") -> str:
     return f"{prefix}: top1 {m['top1']:.2f} top5 {m['top5']:.2f} loss {m['loss']:.4f} images {int(m['images'])}"
 
 
-def evaluate(cfg: Config) -> dict[str, float]:
+def evaluate(start: Start) -> dict[str, float]:
+    cfg = start.cfg
     ctx = dist.init()
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    stage = FinetuneStage(cfg, ctx)
+    stage = FinetuneStage(start, ctx)
     metrics: dict[str, float] = {}
     for from_ema in (False, True) if cfg.stage.ema else (False,):
         stage.from_ema = from_ema

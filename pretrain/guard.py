@@ -33,6 +33,7 @@ class StepGuard:
 
     def __init__(self, cfg: ResilienceConfig, world_size: int):
         self.cfg, self.world_size = cfg, world_size
+        self.skips = 0  # every skipped step of the run
         self.consecutive_skips = 0
         self.rollbacks = 0
         self.rolled_back_steps = 0  # optimizer steps undone: their global batches are never trained on
@@ -55,6 +56,7 @@ class StepGuard:
         return Verdict.GO_ON
 
     def _skipped(self, step: int, finite_loss: bool) -> Verdict:
+        self.skips += 1
         self.consecutive_skips += 1
         what = "gradients (the loss was finite)" if finite_loss else "loss"
         log.warning("step %d: non-finite %s on some rank; the update was skipped on every rank (%d in a row)",
@@ -87,15 +89,17 @@ class StepGuard:
                     "skipped", self.rollbacks, from_step, to_step, from_step - to_step)
 
     def metrics(self) -> dict[str, int]:
-        return {"resilience/consecutive_skips": self.consecutive_skips, "resilience/rollbacks": self.rollbacks,
-                "resilience/skipped_batches": self.rolled_back_steps}
+        return {"train/nan_skips": self.skips, "resilience/consecutive_skips": self.consecutive_skips,
+                "resilience/rollbacks": self.rollbacks, "resilience/skipped_batches": self.rolled_back_steps}
 
     def state_dict(self) -> dict:
-        return {"consecutive_skips": self.consecutive_skips, "rollbacks": self.rollbacks,
+        return {"skips": self.skips, "consecutive_skips": self.consecutive_skips, "rollbacks": self.rollbacks,
                 "rolled_back_steps": self.rolled_back_steps, "recent_losses": list(self.recent_losses)}
 
-    def load_state_dict(self, state: dict) -> None:
-        """On resume; a checkpoint from before the guard has no state ({}): the counts start at 0."""
+    def load_state_dict(self, state: dict | None) -> None:
+        """On resume; a checkpoint from before the guard has no state: the counts start at 0."""
+        state = state or {}
+        self.skips = state.get("skips", 0)
         self.consecutive_skips = state.get("consecutive_skips", 0)
         self.rollbacks = state.get("rollbacks", 0)
         self.rolled_back_steps = state.get("rolled_back_steps", 0)

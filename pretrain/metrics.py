@@ -100,7 +100,6 @@ class TrainMeter:
         self.peak_flops = peak_flops
         self.world_size = world_size
         self.device = torch.device(device)
-        self.nan_skips = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -124,15 +123,14 @@ class TrainMeter:
         grad_norm: torch.Tensor | float | None = None,
         lrs: Mapping[str, float] | None = None,
         extras: Mapping[str, torch.Tensor | float] | None = None,
-        nan_skip: bool = False,
+        skipped: bool = False,
     ) -> None:
         """One optimizer step on this rank: `batch_size` images per rank, `step_s` includes `data_wait_s`."""
         self.steps += 1
         self.images += batch_size
         self.step_s += step_s
         self.data_wait_s += data_wait_s
-        if nan_skip:  # keep the loss curve finite; the count says how often it happened
-            self.nan_skips += 1
+        if skipped:  # a non-finite step: the loss curve stays finite (StepGuard counts these steps)
             return
         loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
         self.loss_sum = self.loss_sum + loss
@@ -156,7 +154,7 @@ class TrainMeter:
         counts = sorted(k for k in stats if k not in POSITION_STATS)
         positions = sorted(k for k in stats if k in POSITION_STATS)
         sums = [self.images, *(stats[k] for k in counts)]
-        maxes = [self.nan_skips, peak_memory_bytes(self.device), *(stats[k] for k in positions)]
+        maxes = [peak_memory_bytes(self.device), *(stats[k] for k in positions)]
         means, sums, maxes = self._all_reduce(means, sums, maxes)
 
         it = iter(means)
@@ -173,10 +171,9 @@ class TrainMeter:
             "perf/mfu": mfu(self.flops_per_image, img_per_s_per_device, self.peak_flops),
             "perf/data_wait_frac": data_wait_frac,
             "perf/step_time_s": step_time_s,
-            "perf/peak_mem_bytes": int(maxes[1]),
-            "train/nan_skips": int(maxes[0]),
+            "perf/peak_mem_bytes": int(maxes[0]),
         })
-        out.update({f"data/{k}": int(v) for k, v in zip(counts + positions, sums[1:] + maxes[2:])})
+        out.update({f"data/{k}": int(v) for k, v in zip(counts + positions, sums[1:] + maxes[1:])})
         self._reset()
         return out
 

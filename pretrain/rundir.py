@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pretrain.config import Config
 
 CONFIG_FILE = "config.yaml"
+LATEST = "latest"
 
 
 def run_dir(cfg: Config, stage: str | None = None) -> Path:
@@ -25,6 +26,31 @@ def run_dir(cfg: Config, stage: str | None = None) -> Path:
 
 def checkpoint_dir(run: Path) -> Path:
     return run / "checkpoints"
+
+
+def latest_tag(checkpoints: Path) -> str | None:
+    """The newest complete checkpoint under a checkpoint folder, or None before the first."""
+    marker = checkpoints / LATEST
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def finished(run: Path) -> bool:
+    """A run dir with its config and at least one complete checkpoint: something to resume or start from."""
+    return latest_tag(checkpoint_dir(run)) is not None and (run / CONFIG_FILE).is_file()
+
+
+def saved_config(run: Path) -> DictConfig:
+    return OmegaConf.load(run / CONFIG_FILE)
+
+
+def checkpoint_engine(tag_dir: Path) -> str:
+    """The engine whose format a checkpoint folder holds, told apart by its files."""
+    if (tag_dir / ".metadata").is_file():
+        return "fsdp"  # torch.distributed.checkpoint
+    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("*model_states.pt")):
+        return "deepspeed"  # any ZeRO stage
+    raise ValueError(f"{tag_dir} is not a checkpoint: expected DeepSpeed '*model_states.pt' + "
+                     "'*optim_states.pt' files or a torch.distributed.checkpoint '.metadata' file")
 
 
 def save_config(cfg: Config, run: Path) -> None:

@@ -9,22 +9,21 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from data.shards import ShardLoader, build_loader
 from data.transforms import EvalTransform, MixupCutmix, SimMIMTransform, SupervisedTransform
 from models import SimMIM, SwinTransformerV2, encoder_state_dict, load_pretrained
 from models.flops import simmim_forward_flops, swinv2_forward_flops
-from pretrain import dist, rundir, transfer
-from pretrain.checkpoint import LATEST
-from pretrain.config import (Config, ConfigError, EvalStageConfig, FinetuneStageConfig, SimMIMStageConfig,
+from pretrain import dist, transfer
+from pretrain.config import (ConfigError, EvalStageConfig, FinetuneStageConfig, SimMIMStageConfig,
                              SupervisedStageConfig)
 from pretrain.dist import DistContext
 from pretrain.ema import WeightEMA
 from pretrain.engine import Engine
 from pretrain.loggers import simmim_panel
 from pretrain.optim import build_param_groups
+from pretrain.preflight import Start
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,8 @@ def next_batch(loader: Iterator[dict]) -> dict | None:
 class Stage:
     """Shared wiring; subclasses say how to build the model, read the data and compute the loss."""
 
-    def __init__(self, cfg: Config, ctx: DistContext):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, start: Start, ctx: DistContext):
+        self.start, self.cfg, self.ctx = start, start.cfg, ctx
 
     def model_kwargs(self) -> dict[str, Any]:
         kwargs = dataclasses.asdict(self.cfg.model)
@@ -129,11 +128,9 @@ class SimMIMStage(Stage):
 
 
 class SupervisedStage(Stage):
-    auto_source = "simmim"  # the stage of this experiment whose run `init_from: auto` starts from
-
-    def __init__(self, cfg: Config, ctx: DistContext):
-        super().__init__(cfg, ctx)
-        self.source = self.init_source(cfg)
+    def __init__(self, start: Start, ctx: DistContext):
+        super().__init__(start, ctx)
+        self.source = start.source
         self._val: ShardLoader | None = None
 
     def build_model(self) -> nn.Module:
@@ -141,19 +138,6 @@ class SupervisedStage(Stage):
 
     def flops_per_image(self) -> int:
         return swinv2_forward_flops(dataclasses.asdict(self.cfg.model), self.cfg.data.num_classes)
-
-    def resuming(self) -> bool:
-        return _resuming(self.cfg)
-
-    @classmethod
-    def init_source(cls, cfg: Config) -> transfer.Source | None:
-        """Where the starting weights come from; None to train from scratch or when resuming this run.
-        config.validate_files calls it on every rank before anything is built: a wrong init_from fails early."""
-        init_from = cfg.stage.init_from
-        if init_from == "none" or _resuming(cfg):
-            return None
-        spec = rundir.run_dir(cfg, cls.auto_source) if init_from == "auto" else init_from
-        return transfer.resolve_source(str(spec), f"run +stage={cls.auto_source} first, or set stage.init_from")
 
     def source_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The starting state dict (rank 0 reads it); load_pretrained maps its layout onto `model`."""
@@ -240,40 +224,15 @@ class SupervisedStage(Stage):
 class FinetuneStage(SupervisedStage):
     """Supervised training from a trained classifier at a new image size and window (also the model that
     +stage=eval evaluates). The CPB meta network's weights load unchanged and see inputs on the scale it was
-    trained at (model.pretrained_window_sizes, taken from the source run when all 0: pretrain/transfer.py);
+    trained at (model.pretrained_window_sizes, which pretrain.preflight takes from the source run when all 0);
     the position buffers are rebuilt for the new window; `stage.class_map` selects head rows, otherwise a
     head of another class count starts anew."""
-    auto_source = "supervised"
 
-    def __init__(self, cfg: Config, ctx: DistContext):
-        super().__init__(cfg, ctx)
-        st = cfg.stage
-        self.class_rows = transfer.read_class_map(st.class_map, cfg.data.num_classes) if st.class_map else None
+    def __init__(self, start: Start, ctx: DistContext):
+        super().__init__(start, ctx)
+        st = self.cfg.stage
+        self.class_rows = transfer.read_class_map(st.class_map, self.cfg.data.num_classes) if st.class_map else None
         self.from_ema = False  # +stage=eval stage.ema: start from the EMA the source fine-tune kept
-        if self.source is not None and self.source.config is not None:
-            trained = self.source.config.model.get("cpb_coords", "log")  # runs from before the option: log
-            if trained != cfg.model.cpb_coords:
-                raise ConfigError(f"model.cpb_coords={cfg.model.cpb_coords}: {self.source.path} was trained with "
-                                  f"{trained} coordinates, which its position bias weights only fit")
-        # Written into the config, so this run's config.yaml (what a resume and a later eval read) holds them.
-        cfg.model.pretrained_window_sizes = self._pretrained_windows()
-
-    def _pretrained_windows(self) -> list[int]:
-        m = self.cfg.model
-        if any(m.pretrained_window_sizes) or (self.source is None and not self.resuming()):
-            return list(m.pretrained_window_sizes)
-        if self.source is None:  # resuming: the windows this run started with
-            return list(OmegaConf.load(rundir.run_dir(self.cfg) / rundir.CONFIG_FILE).model.pretrained_window_sizes)
-        if self.source.config is None:
-            raise ConfigError(f"model.pretrained_window_sizes: set it, per stage, to the windows the position bias "
-                              f"of {self.source} was trained at (e.g. [12,12,12,6] after 192px/window 12): a "
-                              "weights file does not say")
-        source = self.source.config.model
-        windows = transfer.trained_windows(source)
-        log.info("model.pretrained_window_sizes %s: the windows the position bias of %s was trained at (its "
-                 "img_size %d, window_size %d, pretrained_window_sizes %s)", windows, self.source.path,
-                 source.img_size, source.window_size, list(source.pretrained_window_sizes))
-        return windows
 
     def weight_ema(self, engine: Engine) -> WeightEMA | None:
         decay = self.cfg.stage.ema_decay
@@ -289,19 +248,12 @@ class FinetuneStage(SupervisedStage):
         return transfer.select_head_rows(full, self.class_rows, self.cfg.stage.class_map)
 
 
-def _resuming(cfg: Config) -> bool:
-    return (rundir.checkpoint_dir(rundir.run_dir(cfg)) / LATEST).exists()
-
-
-def stage_class(cfg: Config) -> type[Stage]:
-    if isinstance(cfg.stage, SimMIMStageConfig):
-        return SimMIMStage
-    if isinstance(cfg.stage, (FinetuneStageConfig, EvalStageConfig)):
-        return FinetuneStage
-    if isinstance(cfg.stage, SupervisedStageConfig):
-        return SupervisedStage
-    raise ConfigError(f"stage: no stage implementation for {type(cfg.stage).__name__}")
-
-
-def build_stage(cfg: Config, ctx: DistContext) -> Stage:
-    return stage_class(cfg)(cfg, ctx)
+def build_stage(start: Start, ctx: DistContext) -> Stage:
+    stage = start.cfg.stage
+    if isinstance(stage, SimMIMStageConfig):
+        return SimMIMStage(start, ctx)
+    if isinstance(stage, (FinetuneStageConfig, EvalStageConfig)):
+        return FinetuneStage(start, ctx)
+    if isinstance(stage, SupervisedStageConfig):
+        return SupervisedStage(start, ctx)
+    raise ConfigError(f"stage: no stage implementation for {type(stage).__name__}")

@@ -11,14 +11,14 @@ import torch
 from omegaconf import OmegaConf
 
 from pretrain import dist, rundir
-from pretrain.checkpoint import Checkpointer
+from pretrain.checkpoint import BatchLayout, Checkpointer
 from pretrain.config import Config, grad_accum_steps, total_steps
-from pretrain.ema import WeightEMA
 from pretrain.engine import Engine, build_engine
 from pretrain.guard import StepGuard, TrainingHalted, Verdict
 from pretrain.loggers import RunLogger
 from pretrain.metrics import TrainMeter, peak_flops_per_s
 from pretrain.preemption import PreemptionWatcher
+from pretrain.preflight import Start
 from pretrain.progress import Progress
 from pretrain.schedule import WarmupCosine, scale_lr, set_lr
 from pretrain.stages import Stage, build_stage, next_batch
@@ -69,22 +69,8 @@ def train_step(stage: Stage, engine: Engine, loader, accum: int) -> StepResult:
                       not engine.skipped())
 
 
-def roll_back(checkpointer: Checkpointer, engine: Engine, ema: WeightEMA | None, guard: StepGuard,
-              step: int) -> int | None:
-    """Reload the last checkpoint's engine state, EMA and RNG and return its step (None: no checkpoint yet,
-    go on). The data loader keeps its place, so the batches since the checkpoint are skipped; counts go on."""
-    tag = checkpointer.latest_tag()
-    if tag is None:
-        log.warning("step %d: no checkpoint to roll back to yet; going on", step)
-        return None
-    client = checkpointer.load(engine, tag)
-    if ema is not None:
-        ema.load_state_dict(client.get("ema"))
-    guard.rolled_back(step, client["step"])
-    return client["step"]
-
-
-def train(cfg: Config) -> None:
+def train(start: Start) -> None:
+    cfg = start.cfg
     # First: a SLURM warning that arrives while the model, loaders and checkpoint load is not lost.
     watcher = PreemptionWatcher()
     ctx = dist.init(cfg.resilience.collective_timeout_s)
@@ -95,7 +81,7 @@ def train(cfg: Config) -> None:
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
 
     seed_all(cfg.seed)  # the same initial weights on every rank
-    stage = build_stage(cfg, ctx)
+    stage = build_stage(start, ctx)
     engine = build_engine(cfg, ctx, stage, accum)
     ema = stage.weight_ema(engine)  # None unless the stage keeps an EMA of the weights
     seed_all(cfg.seed + ctx.rank)  # per-rank randomness (drop path) from here on
@@ -107,19 +93,17 @@ def train(cfg: Config) -> None:
     # restored RNG stream.
     meter = TrainMeter(flops_per_image=stage.flops_per_image(), peak_flops=peak_flops_per_s(ctx.device, engine.dtype),
                        world_size=ctx.world_size, device=ctx.device)
-    checkpointer = Checkpointer(rundir.checkpoint_dir(run), ctx, cfg.checkpoint.keep_last)
     guard = StepGuard(cfg.resilience, ctx.world_size)
+    checkpointer = Checkpointer(rundir.checkpoint_dir(run), ctx, cfg.checkpoint.keep_last)
+    checkpointer.track("loader", loader, reshards=True)
+    checkpointer.track("guard", guard)
+    checkpointer.track("batch", BatchLayout(cfg.stage.global_batch, cfg.stage.micro_batch, ctx.world_size))
+    if ema is not None:
+        checkpointer.track("ema", ema)
 
     step = 0
-    tag = checkpointer.latest_tag()
-    if tag is not None:
-        client = checkpointer.load(engine, tag)
-        loader.load_state_dict(client["loader"])
-        step = client["step"]
-        meter.nan_skips = client.get("nan_skips", 0)  # checkpoints before the NaN skip lack it
-        if ema is not None:
-            ema.load_state_dict(client.get("ema"))
-        guard.load_state_dict(client.get("guard", {}))
+    if (tag := checkpointer.latest_tag()) is not None:
+        step = checkpointer.load(engine, tag)
         log.info("resumed from %s at step %d", checkpointer.dir / tag, step)
     if ctx.is_main:
         rundir.save_config(cfg, run)
@@ -134,12 +118,18 @@ def train(cfg: Config) -> None:
         result = train_step(stage, engine, loader, accum)
         step += 1  # a skipped step still counts: the lr schedule moves on, as in large-scale practice
         verdict = guard.check(step, result.loss, finite_loss=result.finite_loss, updated=result.updated)
-        if verdict is Verdict.ROLL_BACK and (back := roll_back(checkpointer, engine, ema, guard, step)) is not None:
-            step = back
-            continue
+        if verdict is Verdict.ROLL_BACK:
+            if (tag := checkpointer.latest_tag()) is not None:
+                # the weights, optimizer, EMA and RNG of the last checkpoint; the data loader keeps its place
+                # (the batches since the checkpoint are skipped) and the guard's counts go on
+                back = checkpointer.load(engine, tag, parts=["ema"] if ema is not None else [])
+                guard.rolled_back(step, back)
+                step = back
+                continue
+            log.warning("step %d: no checkpoint to roll back to yet; going on", step)
         meter.update(loss=result.loss, batch_size=cfg.stage.micro_batch * accum, step_s=time.perf_counter() - t,
                      data_wait_s=result.data_wait_s, grad_norm=engine.grad_norm(), extras=result.extras,
-                     lrs={g["family"]: g["lr"] for g in engine.param_groups}, nan_skip=not result.updated)
+                     lrs={g["family"]: g["lr"] for g in engine.param_groups}, skipped=not result.updated)
         if ema is not None and result.updated:
             ema.update()
         shown = {}  # the progress line keeps the last logged values between log steps
@@ -160,9 +150,7 @@ def train(cfg: Config) -> None:
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         stop = watcher.should_stop()
         if stop or step % cfg.checkpoint.every_steps == 0 or step == total:
-            checkpointer.save(engine, step, {"loader": loader.state_dict(), "nan_skips": meter.nan_skips,
-                                             "guard": guard.state_dict(), "config": OmegaConf.to_yaml(cfg_dict),
-                                             "ema": None if ema is None else ema.state_dict()})
+            checkpointer.save(engine, step)
         if stop:
             log.info("stopping at step %d on %s; relaunch to resume", step, watcher.signal_name or "a peer's signal")
             break

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from models import layouts
 from models.swinv2 import block_window
 from pretrain import rundir
-from pretrain.checkpoint import LATEST, read_client_states, tag_step
+from pretrain.checkpoint import read_client_states, tag_step
 from pretrain.config import ConfigError
 from pretrain.ema import merge_shards
 from pretrain.engine import engine_class
@@ -38,7 +38,7 @@ class Source:
     @property
     def tag_dir(self) -> Path:
         directory = rundir.checkpoint_dir(self.path)
-        return directory / (directory / LATEST).read_text().strip()
+        return directory / rundir.latest_tag(directory)
 
     @property
     def step(self) -> int:
@@ -53,8 +53,8 @@ def resolve_source(spec: str, hint: str) -> Source:
     path = Path(spec)
     if path.is_file():
         return Source(path)
-    if (rundir.checkpoint_dir(path) / LATEST).exists() and (path / rundir.CONFIG_FILE).exists():
-        return Source(path, OmegaConf.load(path / rundir.CONFIG_FILE))
+    if rundir.finished(path):
+        return Source(path, rundir.saved_config(path))
     raise ConfigError(f"stage.init_from={spec}: neither a weights file nor a run dir with a finished checkpoint "
                       f"({hint})")
 
@@ -63,7 +63,7 @@ def read_weights(source: Source) -> dict[str, torch.Tensor]:
     """The source's whole state dict, on the CPU."""
     if source.config is not None:
         tag_dir = source.tag_dir
-        return engine_class(source.config.engine.name).read_weights(tag_dir.parent, tag_dir.name)
+        return engine_class(rundir.checkpoint_engine(tag_dir)).read_weights(tag_dir.parent, tag_dir.name)
     try:  # a torch file, or convert_checkpoint.py's pickle-free .safetensors export (any layout)
         state = layouts.read_weights(source.path)
     except ValueError as err:  # the message starts with the path

@@ -20,8 +20,8 @@ config needs the image size and window a weights file does not carry: they come 
 or the transformers config.json, and --img-size / --window-size / --pretrained-window-sizes set or override
 them. What a layout cannot express (the H/G extra norm, the linear-spaced CPB) is refused in one line.
 
-Formats are told apart by the files in the tag folder; `ENGINE_OF_FORMAT` names the engine whose
-`read_weights` merges it, the one place a new engine's format is added. DeepSpeed's reader unpickles its
+Formats are told apart by the files in the tag folder (`pretrain.rundir.checkpoint_engine` names the engine
+whose `read_weights` merges it, the one place a new engine's format is added). DeepSpeed's reader unpickles its
 own files with weights_only=False, so `read_weights` first checks every file of the tag folder
 (pretrain.safe_load): a file crafted to run code is refused, named, and nothing is written.
 """
@@ -40,23 +40,6 @@ from pretrain.engine import engine_class
 StateDict = dict[str, torch.Tensor]
 
 
-# Checkpoint format (told apart by its files) -> the engine that writes it; each engine's static
-# `read_weights(directory, tag)` merges its shards into one fp32 state dict without a process group.
-ENGINE_OF_FORMAT = {
-    "deepspeed": "deepspeed",  # any ZeRO stage, via deepspeed.utils.zero_to_fp32
-    "dcp": "fsdp",  # torch.distributed.checkpoint
-}
-
-
-def detect_format(tag_dir: Path) -> str:
-    if (tag_dir / ".metadata").is_file():
-        return "dcp"
-    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("*model_states.pt")):
-        return "deepspeed"
-    raise ValueError(f"{tag_dir} is not a checkpoint: expected DeepSpeed '*model_states.pt' + "
-                     "'*optim_states.pt' files or a torch.distributed.checkpoint '.metadata' file")
-
-
 def resolve_tag_dir(path: Path, tag: str | None) -> Path:
     """The folder of one checkpoint: `path/<tag>`, `path/<contents of path/latest>`, or `path` itself,
     with `path` first moved to a run dir's checkpoint folder."""
@@ -64,8 +47,7 @@ def resolve_tag_dir(path: Path, tag: str | None) -> Path:
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     if rundir.checkpoint_dir(path).is_dir():
         path = rundir.checkpoint_dir(path)
-    if tag is None and (path / "latest").is_file():
-        tag = (path / "latest").read_text().strip()
+    tag = tag or rundir.latest_tag(path)
     tag_dir = path / tag if tag else path
     if not tag_dir.is_dir():
         raise FileNotFoundError(f"checkpoint tag folder {tag_dir} does not exist")
@@ -74,7 +56,7 @@ def resolve_tag_dir(path: Path, tag: str | None) -> Path:
 
 def load_fp32_state_dict(path: Path, tag: str | None = None) -> StateDict:
     tag_dir = resolve_tag_dir(path, tag)
-    engine = engine_class(ENGINE_OF_FORMAT[detect_format(tag_dir)])
+    engine = engine_class(rundir.checkpoint_engine(tag_dir))
     return engine.read_weights(tag_dir.parent, tag_dir.name)
 
 

@@ -61,12 +61,12 @@ class DDPEngine:
 
 def build(name: str, model: str, ctx):
     from pretrain.engine import build_engine
+    from pretrain.preflight import Start
     from pretrain.stages import SimMIMStage
     from scripts.plan_memory import compose_config
-    cfg = compose_config([f"model={model}", f"stage.micro_batch={MICRO_BATCH}",
+    cfg = compose_config([f"model={model}", f"stage.micro_batch={MICRO_BATCH}", "model.drop_path_rate=0",
                           f"stage.global_batch={MICRO_BATCH * ctx.world_size}", *ENGINES[name]])
-    cfg.model.drop_path_rate = 0.0
-    stage = SimMIMStage(cfg, ctx)
+    stage = SimMIMStage(Start(cfg), ctx)
     torch.manual_seed(0)
     engine = DDPEngine(cfg, stage) if name == "ddp" else build_engine(cfg, ctx, stage, accum=1)
     return stage, engine, cfg

@@ -26,9 +26,10 @@ GIANT_1536 = ["model=swinv2_giant", "model.img_size=1536", "model.window_size=24
 
 def measured_bytes(cfg, batch: int) -> int:
     """Bytes a real CPU forward leaves allocated for backward, input batch included."""
+    from pretrain.preflight import Start
     from pretrain.stages import SimMIMStage
     torch.manual_seed(0)
-    model = SimMIMStage(cfg, ctx=None).build_model().train()
+    model = SimMIMStage(Start(cfg), ctx=None).build_model().train()
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     image, *mask = example_inputs(cfg, batch)
     inputs = [torch.randn(image.shape)] + [(torch.rand(m.shape) > 0.4).float() for m in mask]

@@ -7,10 +7,10 @@ from safetensors.torch import save_file
 
 from models.swinv2 import WindowAttention, relative_coords_table
 from pretrain import rundir, transfer
-from pretrain.checkpoint import LATEST
 from pretrain.config import ConfigError, EvalStageConfig, FinetuneStageConfig, finalize
 from pretrain.dist import DistContext
 from pretrain.ema import merge_shards
+from pretrain.preflight import resolve_start
 from pretrain.stages import FinetuneStage
 from tests.pretrain.test_config import compose_cfg
 
@@ -30,7 +30,7 @@ def fake_run(tmp_path, *overrides: str):
     run = rundir.run_dir(cfg)
     rundir.save_config(cfg, run)
     rundir.checkpoint_dir(run).mkdir()
-    (rundir.checkpoint_dir(run) / LATEST).write_text("step_00000002")
+    (rundir.checkpoint_dir(run) / rundir.LATEST).write_text("step_00000002")
     return run
 
 
@@ -70,9 +70,11 @@ def test_trained_windows_are_clamped_to_the_feature_maps_like_the_official_confi
 def test_finetune_takes_the_source_runs_windows_and_rebuilds_the_position_tables(tmp_path):
     fake_run(tmp_path, *SMALL)
     cfg = config("finetune", tmp_path)
-    stage = FinetuneStage(cfg, CTX)
+    start = resolve_start(cfg)
+    stage = FinetuneStage(start, CTX)
     assert str(stage.source) == str(tmp_path / "demo" / "supervised" / "checkpoints" / "step_00000002")
-    assert cfg.model.pretrained_window_sizes == [4, 4, 4, 2]  # 64px/w4: 16, 8, 4, 2 maps, the last clamped
+    assert start.cfg.model.pretrained_window_sizes == [4, 4, 4, 2]  # 64px/w4: 16, 8, 4, 2 maps, the last clamped
+    assert cfg.model.pretrained_window_sizes == [0, 0, 0, 0]  # the composed config is never edited
     model = stage.build_model()
     attns = [m for m in model.modules() if isinstance(m, WindowAttention)]
     windows = sorted({(a.window_size, a.pretrained_window_size) for a in attns})
@@ -91,25 +93,24 @@ def test_finetune_takes_the_source_runs_windows_and_rebuilds_the_position_tables
 def test_the_position_bias_coordinates_must_be_the_sources(tmp_path):
     fake_run(tmp_path, *SMALL, "model.cpb_coords=linear")
     with pytest.raises(ConfigError, match="model.cpb_coords=log: .* was trained with linear coordinates"):
-        FinetuneStage(config("finetune", tmp_path), CTX)
-    FinetuneStage(config("finetune", tmp_path, "model.cpb_coords=linear"), CTX)
+        resolve_start(config("finetune", tmp_path))
+    resolve_start(config("finetune", tmp_path, "model.cpb_coords=linear"))
 
 
 def test_explicit_windows_win_and_a_weights_file_needs_them(tmp_path):
     weights = tmp_path / "export.pth"
     torch.save({"model": {}}, weights)
     with pytest.raises(ConfigError, match=r"model.pretrained_window_sizes: set it"):
-        FinetuneStage(config("finetune", tmp_path, f"stage.init_from={weights}"), CTX)
+        resolve_start(config("finetune", tmp_path, f"stage.init_from={weights}"))
     cfg = config("eval", tmp_path, f"stage.init_from={weights}", "model.pretrained_window_sizes=[12,12,12,6]")
-    FinetuneStage(cfg, CTX)
-    assert cfg.model.pretrained_window_sizes == [12, 12, 12, 6]
+    assert resolve_start(cfg).cfg.model.pretrained_window_sizes == [12, 12, 12, 6]
 
 
 def test_a_missing_source_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"run \+stage=supervised first"):
-        FinetuneStage(config("finetune", tmp_path), CTX)
+        resolve_start(config("finetune", tmp_path))
     with pytest.raises(ConfigError, match="stage.init_from=/nowhere"):
-        FinetuneStage(config("eval", tmp_path, "stage.init_from=/nowhere"), CTX)
+        resolve_start(config("eval", tmp_path, "stage.init_from=/nowhere"))
 
 
 def test_a_safetensors_weights_file_is_read_without_torch_load(tmp_path):
@@ -165,7 +166,7 @@ def test_the_finetune_stage_checks_the_class_map_length(tmp_path):
     path = tmp_path / "map.txt"
     path.write_text("\n".join(map(str, range(9))))
     with pytest.raises(ConfigError, match="9 lines, but data.num_classes is 10"):
-        FinetuneStage(config("finetune", tmp_path, f"stage.class_map={path}"), CTX)
+        FinetuneStage(resolve_start(config("finetune", tmp_path, f"stage.class_map={path}")), CTX)
 
 
 @pytest.mark.parametrize("layout", ["zero3", "fsdp2", "replicated"])

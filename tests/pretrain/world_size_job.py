@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from data.shards import build_loader
 from models import SwinTransformerV2
 from pretrain import dist
-from pretrain.checkpoint import Checkpointer, step_tag
+from pretrain.checkpoint import BatchLayout, Checkpointer, step_tag
 from pretrain.config import CONF_DIR, finalize, grad_accum_steps, register_configs
 from pretrain.engine import build_engine
 from pretrain.optim import build_param_groups
@@ -72,20 +71,23 @@ def main() -> None:
                                            "stage.optim.clip_grad=0.05", *args.set])  # small: clipping is part of the step
     cfg = finalize(raw, ctx.world_size)
     accum = grad_accum_steps(cfg, ctx.world_size)
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     torch.manual_seed(0)
     engine = build_engine(cfg, ctx, Recipe(), accum)
     loader = build_loader(f"{args.shards}/train.txt", sample_fn=lambda b: {"n": torch.tensor(len(b))},
                           batch_size=MICRO, rank=ctx.rank, world_size=ctx.world_size, num_workers=0,
                           shuffle_buffer=16, resampled=False, samples_per_epoch=64, seed=0)
 
+    def checkpointer(directory: Path) -> Checkpointer:
+        store = Checkpointer(directory, ctx, keep_last=2)
+        store.track("loader", loader, reshards=True)
+        store.track("batch", BatchLayout(GLOBAL_BATCH, MICRO, ctx.world_size))
+        return store
+
     step, result = 0, {"losses": {}}
     if args.resume_from is not None:
-        client = Checkpointer(args.resume_from, ctx, keep_last=2).load(engine, step_tag(args.resume_step))
-        loader.load_state_dict(client["loader"])
-        step = client["step"]
+        step = checkpointer(args.resume_from).load(engine, step_tag(args.resume_step))
         result["loader_batches"] = loader.batches
-    saver = Checkpointer(args.out / "checkpoints", ctx, keep_last=2)
+    saver = checkpointer(args.out / "checkpoints")
     while step < args.steps:
         images, labels = global_batch(step)
         for group in engine.param_groups:
@@ -101,7 +103,7 @@ def main() -> None:
         step += 1
         result["losses"][step] = dist.all_reduce_sum(loss_sum).item() / (accum * ctx.world_size)
         if step == args.save_at:
-            saver.save(engine, step, {"loader": loader.state_dict(), "config": config_yaml})
+            saver.save(engine, step)
     if ctx.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "losses.json").write_text(json.dumps(result))

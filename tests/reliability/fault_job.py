@@ -23,9 +23,9 @@ from pretrain.config import grad_accum_steps  # noqa: E402
 FAULTS = {int(batch): kind for batch, kind in json.loads(os.environ["FAULTS"]).items()}
 
 
-def faulty_stage(cfg, ctx):
-    stage = build_stage(cfg, ctx)
-    accum = grad_accum_steps(cfg, ctx.world_size)
+def faulty_stage(start, ctx):
+    stage = build_stage(start, ctx)
+    accum = grad_accum_steps(start.cfg, ctx.world_size)
     make_loader, clean_loss, loaders = stage.train_loader, stage.loss, []
 
     def train_loader():

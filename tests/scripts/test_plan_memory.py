@@ -72,10 +72,11 @@ def test_zero3_partitions_are_predicted_exactly(held, world, model):
 
 def real_forward_bytes(cfg, batch: int) -> int:
     """Bytes a real CPU forward leaves allocated for backward, input batch included."""
+    from pretrain.preflight import Start
     from pretrain.stages import SimMIMStage
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
-    model = SimMIMStage(cfg, ctx=None).build_model().to(dtype).train()
+    model = SimMIMStage(Start(cfg), ctx=None).build_model().to(dtype).train()
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     image, *mask = example_inputs(cfg, batch)  # meta tensors: shapes and dtypes only
     inputs = [torch.randn(image.shape, dtype=image.dtype)] + [(torch.rand(m.shape) > 0.4).float() for m in mask]
