@@ -2,16 +2,15 @@
 convolutions, linear layers and attention matmuls (elementwise ops, norms and softmax are not counted)."""
 from collections.abc import Mapping
 
-from models.swinv2 import block_window
+from models.swinv2 import block_window, feature_map_sides
 
 _HIDDEN_CPB = 512
 
 
 def _stage_windows(model_cfg: Mapping, img_size: int):
     """(tokens per side, channels, heads, window, depth) for each stage, with the window clamped."""
-    n = len(model_cfg["depths"])
-    for i in range(n):
-        side = img_size // model_cfg["patch_size"] // 2 ** i
+    sides = feature_map_sides(img_size, model_cfg["patch_size"], len(model_cfg["depths"]))
+    for i, side in enumerate(sides):
         yield side, model_cfg["embed_dim"] * 2 ** i, model_cfg["num_heads"][i], \
             block_window(side, model_cfg["window_size"]), model_cfg["depths"][i]
 
@@ -45,5 +44,5 @@ def simmim_forward_flops(model_cfg: Mapping, img_size: int | None = None, encode
     img_size = img_size or model_cfg["img_size"]
     n = len(model_cfg["depths"])
     num_features = model_cfg["embed_dim"] * 2 ** (n - 1)
-    last_tokens = (img_size // model_cfg["patch_size"] // 2 ** (n - 1)) ** 2
+    last_tokens = feature_map_sides(img_size, model_cfg["patch_size"], n)[-1] ** 2
     return _encoder_flops(model_cfg, img_size) + 2 * last_tokens * num_features * encoder_stride ** 2 * 3

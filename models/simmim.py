@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.swinv2 import SwinTransformerV2, holds_values
+from models.swinv2 import SwinTransformerV2, feature_map_sides, holds_values, init_module
 
 
 class SwinTransformerV2ForSimMIM(SwinTransformerV2):
@@ -17,13 +17,16 @@ class SwinTransformerV2ForSimMIM(SwinTransformerV2):
         if holds_values(self.norm.weight):  # mask_token itself is not partitioned yet under zero.Init
             self.init_weights()
 
+    def layer_ids(self) -> dict[str, int]:
+        return {**super().layer_ids(), "mask_token": 0}  # with the patch embedding it replaces
+
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """image (B, 3, H, W), mask (B, H/p, W/p) with 1 = masked -> features (B, C_last, H/32, W/32)."""
         x = self.patch_embed(image)  # (B, L, C)
         w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
         x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
         x = self.forward_tokens(x)
-        side = self.img_size // self.patch_size // 2 ** (len(self.layers) - 1)
+        side = feature_map_sides(self.img_size, self.patch_size, len(self.layers))[-1]
         return x.transpose(1, 2).reshape(x.shape[0], -1, side, side)
 
 
@@ -76,8 +79,19 @@ class SimMIM(nn.Module):
         self.encoder.init_weights()
         self.decoder[0].reset_parameters()
 
+    init_module = staticmethod(init_module)
+
+    def init_buffers(self):
+        self.encoder.init_buffers()
+
     def blocks(self) -> list[nn.Module]:
         return self.encoder.blocks()
+
+    def layer_ids(self) -> dict[str, int]:
+        """The encoder's ids (see SwinTransformerV2.layer_ids); the decoder is in the last layer."""
+        encoder = {f"encoder.{name}": i for name, i in self.encoder.layer_ids().items()}
+        last = max(encoder.values())
+        return {name: encoder.get(name, last) for name, _ in self.named_parameters()}
 
     def set_grad_checkpointing(self, mode: str = "torch"):
         self.encoder.set_grad_checkpointing(mode)

@@ -26,10 +26,20 @@ from torch import nn
 
 from models import layouts
 
-GRAD_CHECKPOINTING_MODES = ("none", "torch", "torch_reentrant", "fairscale", "fairscale_offload")
+GRAD_CHECKPOINTING_MODES = ("none", "torch", "torch_reentrant")  # others are applied from outside the model
 ATTN_IMPLS = ("sdpa", "plain")
 CPB_COORDS = ("log", "linear")
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)  # cosine-attention temperature >= 0.01
+
+
+def total_stride(patch_size: int, num_stages: int) -> int:
+    """Image pixels per token side in the last stage: img_size must be a multiple of it."""
+    return patch_size * 2 ** (num_stages - 1)
+
+
+def feature_map_sides(img_size: int, patch_size: int, num_stages: int) -> list[int]:
+    """Tokens per side of each stage's square feature map: img_size / patch_size / 2^i."""
+    return [img_size // patch_size // 2 ** i for i in range(num_stages)]
 
 
 def block_window(resolution: int, window_size: int) -> int:
@@ -151,10 +161,11 @@ def init_module(m: nn.Module) -> None:
 
 
 def holds_values(p: nn.Parameter) -> bool:
-    """False for a parameter that is not materialised on this rank: on the meta device, or partitioned by
-    DeepSpeed's zero.Init (which marks its parameters with `ds_id`). A constructor then leaves initialisation
-    to whoever builds it that way (`init_module` per module, once the values exist or are gathered)."""
-    return not p.is_meta and not hasattr(p, "ds_id")
+    """False for a parameter that is not materialised on this rank: on the meta device, or partitioned at
+    construction by a sharding engine (which leaves an empty local tensor, as DeepSpeed's zero.Init does). A
+    constructor then leaves initialisation to whoever builds it that way (`init_module` per module, once the
+    values exist or are gathered)."""
+    return not p.is_meta and p.numel() > 0
 
 
 class WindowAttention(nn.Module):
@@ -342,9 +353,9 @@ class BasicLayer(nn.Module):
 
     def forward(self, x):
         for blk in self.blocks:
-            if self.grad_checkpointing in ("torch", "torch_reentrant") and torch.is_grad_enabled():
+            if self.grad_checkpointing != "none" and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=self.grad_checkpointing != "torch")
-            else:  # fairscale modes patch blk.forward itself
+            else:
                 x = blk(x)
         return x if self.downsample is None else self.downsample(x)
 
@@ -384,9 +395,9 @@ class SwinTransformerV2(nn.Module):
             raise ValueError(f"cpb_coords must be one of {CPB_COORDS}, got {cpb_coords!r}")
         if any(sequential_attn) and attn_chunk_size < 1:
             raise ValueError(f"attn_chunk_size must be >= 1 when sequential_attn is on, got {attn_chunk_size}")
-        if img_size % (patch_size * 2 ** (n - 1)):
+        if img_size % total_stride(patch_size, n):
             raise ValueError(f"img_size {img_size} must be divisible by patch_size * 2^(stages-1) "
-                             f"= {patch_size * 2 ** (n - 1)}")
+                             f"= {total_stride(patch_size, n)}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.num_classes = num_classes
@@ -398,9 +409,10 @@ class SwinTransformerV2(nn.Module):
         with torch.random.fork_rng(devices=[]):
             self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
             self.layers = nn.ModuleList()
+            sides = feature_map_sides(img_size, patch_size, n)
             for i in range(n):
                 self.layers.append(BasicLayer(
-                    embed_dim * 2 ** i, img_size // patch_size // 2 ** i, depths[i], num_heads[i], window_size,
+                    embed_dim * 2 ** i, sides[i], depths[i], num_heads[i], window_size,
                     pretrained_window_sizes[i], mlp_ratio, drop_path[sum(depths[:i]):sum(depths[:i + 1])],
                     extra_norm_period, attn_impl, sequential_attn[i], attn_chunk_size, downsample=i < n - 1,
                     cpb_coords=cpb_coords))
@@ -425,19 +437,33 @@ class SwinTransformerV2(nn.Module):
             if isinstance(m, (WindowAttention, SwinTransformerBlock)):
                 m.init_buffers()
 
+    init_module = staticmethod(init_module)  # for engines that initialise a sharded build module by module
+
     def blocks(self) -> list[nn.Module]:
         return [blk for layer in self.layers for blk in layer.blocks]
 
+    def layer_ids(self) -> dict[str, int]:
+        """Parameter name -> layer id for layer-wise lr decay, the official fine-tuning rule
+        (microsoft/Swin-Transformer `optimizer.py::get_swin_layer`): with L blocks in all, the patch embedding
+        is 0, block j of stage i is sum(depths[:i]) + j + 1, the patch merging after a stage shares its last
+        block's id, everything else (final norm, head) is L + 1."""
+        ids = {name: 0 for name, _ in self.patch_embed.named_parameters(prefix="patch_embed")}
+        first = 1
+        for i, layer in enumerate(self.layers):
+            for j, blk in enumerate(layer.blocks):
+                ids.update({name: first + j for name, _ in blk.named_parameters(prefix=f"layers.{i}.blocks.{j}")})
+            first += len(layer.blocks)
+            if layer.downsample is not None:
+                ids.update({name: first - 1 for name, _ in layer.downsample.named_parameters(
+                    prefix=f"layers.{i}.downsample")})
+        return {name: ids.get(name, first) for name, _ in self.named_parameters()}
+
     def set_grad_checkpointing(self, mode: str = "torch"):
+        """Recompute each block in backward: "torch" (non-reentrant) or "torch_reentrant"; "none" is off."""
         if mode not in GRAD_CHECKPOINTING_MODES:
             raise ValueError(f"grad_checkpointing must be one of {GRAD_CHECKPOINTING_MODES}, got {mode!r}")
         for layer in self.layers:
             layer.grad_checkpointing = mode
-            for blk in layer.blocks:
-                blk.__dict__.pop("forward", None)  # undo an earlier fairscale wrap
-                if mode.startswith("fairscale"):
-                    from fairscale.nn.checkpoint import checkpoint_wrapper
-                    checkpoint_wrapper(blk, offload_to_cpu=mode == "fairscale_offload")
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"cpb_mlp", "logit_scale", "relative_position_bias_table"}

@@ -16,7 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.swinv2 import block_window
+from models.swinv2 import ATTN_IMPLS, CPB_COORDS, block_window, feature_map_sides, total_stride
+from pretrain.activation_checkpointing import MODES as GRAD_CHECKPOINTING_MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -274,8 +275,7 @@ def _validate_schedule(cfg: Config, world_size: int) -> None:
 def _validate_windows(m: ModelConfig) -> None:
     """The model's own rule (models.swinv2.block_window), checked before anything is built."""
     _check(m.window_size > 0, "model.window_size", f"must be > 0, got {m.window_size}")
-    for i in range(len(m.depths)):
-        side = m.img_size // m.patch_size // 2 ** i
+    for i, side in enumerate(feature_map_sides(m.img_size, m.patch_size, len(m.depths))):
         _check(side % block_window(side, m.window_size) == 0, "model.window_size",
                f"{m.window_size} does not divide the {side}x{side} feature map of stage {i + 1} (img_size "
                f"{m.img_size} / patch_size {m.patch_size} / 2^{i}); a map no larger than the window is one window")
@@ -298,11 +298,10 @@ def validate(cfg: Config, world_size: int) -> None:
                "batch mode) mixes each rank's batch with itself reversed: it must be even")
     if isinstance(st, FinetuneStageConfig):
         _check(0 <= st.ema_decay < 1, "stage.ema_decay", f"must be in [0, 1), got {st.ema_decay}")
-    _one_of(m.grad_checkpointing, {"none", "torch", "torch_reentrant", "fairscale", "fairscale_offload"},
-            "model.grad_checkpointing")
-    _one_of(m.attn_impl, {"sdpa", "plain"}, "model.attn_impl")
-    _one_of(m.cpb_coords, {"log", "linear"}, "model.cpb_coords")
-    _check(m.img_size % (m.patch_size * 2 ** (len(m.depths) - 1)) == 0, "model.img_size",
+    _one_of(m.grad_checkpointing, set(GRAD_CHECKPOINTING_MODES), "model.grad_checkpointing")
+    _one_of(m.attn_impl, set(ATTN_IMPLS), "model.attn_impl")
+    _one_of(m.cpb_coords, set(CPB_COORDS), "model.cpb_coords")
+    _check(m.img_size % total_stride(m.patch_size, len(m.depths)) == 0, "model.img_size",
            "must be divisible by patch_size x 2^(stages-1)")
     _validate_windows(m)
     _one_of(cfg.engine.precision, {"bf16", "fp32"}, "engine.precision")

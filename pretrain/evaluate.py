@@ -18,6 +18,7 @@ from pretrain import dist, rundir
 from pretrain.ema import ema_metrics
 from pretrain.engine import build_engine
 from pretrain.loggers import RunLogger
+from pretrain.optim import optimizer_for
 from pretrain.preflight import Start
 from pretrain.stages import FinetuneStage
 from pretrain.trainer import seed_all
@@ -42,7 +43,7 @@ def evaluate(start: Start) -> dict[str, float]:
         log.info("evaluating the %s weights of %s at %dpx, window %d", "EMA" if from_ema else "live", stage.source,
                  cfg.model.img_size, cfg.model.window_size)
         seed_all(cfg.seed)  # a head that starts anew (other classes, no class map) is the same on every rank
-        engine = build_engine(cfg, ctx, stage, accum=1)
+        engine = build_engine(cfg, ctx, stage, 1, optimizer_for(cfg.stage.optim))
         result = stage.evaluate(engine)
         metrics.update(ema_metrics(result) if from_ema else result)
         del engine

@@ -1,52 +1,18 @@
-"""AdamW parameter groups: weight-decay exemptions and layer-wise lr decay for SwinV2 / SimMIM.
+"""AdamW and its parameter groups: weight-decay exemptions and layer-wise lr decay.
 
-Layer ids follow the official fine-tuning code (microsoft/Swin-Transformer `optimizer.py::get_swin_layer`):
-with L = sum(depths), `patch_embed` and `mask_token` are layer 0, block j of stage i is
-`sum(depths[:i]) + j + 1`, the patch merging after stage i is `sum(depths[:i+1])` (the same id as that
-stage's last block), and everything else (final norm, head, SimMIM decoder) is L + 1. A group's lr is
+The layer ids come from the model (`model.layer_ids()`, the official fine-tuning rule of microsoft/Swin-Transformer
+`optimizer.py::get_swin_layer`, in models/swinv2.py): with L + 1 the largest id, a group's lr is
 `lr * layer_decay ** (L + 1 - id)`, carried as `lr_scale` and applied by `pretrain.schedule.set_lr`.
-
-Names work for the bare SwinV2 (`layers.0.blocks.0...`) and the SimMIM wrapper (`encoder.layers...`,
-`encoder.mask_token`, `decoder.0.weight`).
+Engines build the optimizer over the model they shard with `build_optimizer`.
 """
 
-import re
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-# Wrappers that may sit between the names the layer-id rule expects and the model's own names.
-_PREFIXES = ("encoder.",)
-_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
-_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.")
-_STEM = ("patch_embed.", "mask_token")
-
-
-def layer_id(name: str, depths: Sequence[int]) -> int:
-    """The layer id (0 .. sum(depths) + 1) of parameter `name`; see the module docstring."""
-    for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
-    if name.startswith(_STEM):
-        return 0
-    if m := _BLOCK.match(name):
-        stage, block = int(m[1]), int(m[2])
-        _check_stage(name, stage, depths)
-        if block >= depths[stage]:
-            raise ValueError(f"parameter {name!r}: block {block} is beyond depths[{stage}]={depths[stage]}")
-        return sum(depths[:stage]) + block + 1
-    if m := _DOWNSAMPLE.match(name):
-        stage = int(m[1])
-        _check_stage(name, stage, depths)
-        return sum(depths[:stage + 1])
-    return sum(depths) + 1
-
-
-def _check_stage(name: str, stage: int, depths: Sequence[int]) -> None:
-    if stage >= len(depths):
-        raise ValueError(f"parameter {name!r}: stage {stage} is beyond depths={list(depths)}")
+from pretrain.config import OptimConfig
 
 
 def is_no_decay(name: str, param: torch.Tensor, no_decay_keywords: Iterable[str]) -> bool:
@@ -55,7 +21,7 @@ def is_no_decay(name: str, param: torch.Tensor, no_decay_keywords: Iterable[str]
     A keyword matches whole dotted components of the name (`cpb_mlp` matches
     `encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight`). The official SimMIM pretraining prefixes its
     keywords (`encoder.cpb_mlp`), which are then substrings of no real name, so its 2-D `cpb_mlp`
-    weights and `logit_scale` silently get decay (SWINV2_REFERENCE.md §1.10); pass bare keywords here.
+    weights and `logit_scale` silently get decay; pass bare keywords here.
     Under ZeRO-3 a parameter is a partition whose `shape` is empty; `ds_shape` holds the real one.
     """
     shape = getattr(param, "ds_shape", param.shape)
@@ -66,21 +32,20 @@ def is_no_decay(name: str, param: torch.Tensor, no_decay_keywords: Iterable[str]
 
 
 def build_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float = 1.0,
-                       depths: Sequence[int] = (), no_decay_keywords: Iterable[str] = ()) -> list[dict]:
+                       no_decay_keywords: Iterable[str] = ()) -> list[dict]:
     """AdamW parameter groups for `model`, one per distinct (lr_scale, weight_decay).
 
     Each group holds `params`, `weight_decay`, `lr_scale` and `family`: "decay" / "no_decay", suffixed
-    with `/layer_<id>` when layer decay is on, for logging lr per family. `layer_decay=1.0` gives one
-    scale and ignores `depths`. Frozen parameters are left out.
+    with `/layer_<id>` when layer decay is on (it needs `model.layer_ids()`), for logging lr per family.
+    Frozen parameters are left out.
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if layer_decay != 1.0 and not depths:
-        raise ValueError("layer_decay != 1 needs the model's depths")
     no_decay_keywords = tuple(no_decay_keywords)
-    num_layers = sum(depths) + 1
+    layer_ids = model.layer_ids() if layer_decay != 1.0 else {}
+    num_layers = max(layer_ids.values(), default=0)
 
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
@@ -90,7 +55,7 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: fl
         family = "decay" if wd else "no_decay"
         lr_scale = 1.0
         if layer_decay != 1.0:
-            lid = layer_id(name, depths)
+            lid = layer_ids[name]
             lr_scale = layer_decay ** (num_layers - lid)
             family = f"{family}/layer_{lid:02d}"
         group = groups.setdefault((lr_scale, wd), {
@@ -99,3 +64,19 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: fl
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     return list(groups.values())
+
+
+def param_groups_for(model: nn.Module, o: OptimConfig) -> list[dict]:
+    """The groups a stage's optimizer settings give `model`."""
+    return build_param_groups(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
+                              no_decay_keywords=model.no_weight_decay_keywords())
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `model`'s groups (the model an engine holds: sharded, or partitioned by ZeRO-3)."""
+    return torch.optim.AdamW(param_groups_for(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def optimizer_for(o: OptimConfig) -> Callable[[nn.Module], torch.optim.AdamW]:
+    """What an engine is handed: `build_optimizer` with the stage's settings, for the model it holds."""
+    return functools.partial(build_optimizer, o=o)

@@ -15,6 +15,7 @@ from data.shards import ShardLoader, build_loader
 from data.transforms import EvalTransform, MixupCutmix, SimMIMTransform, SupervisedTransform
 from models import SimMIM, SwinTransformerV2, encoder_state_dict, load_pretrained
 from models.flops import simmim_forward_flops, swinv2_forward_flops
+from models.swinv2 import total_stride
 from pretrain import dist, transfer
 from pretrain.config import (ConfigError, EvalStageConfig, FinetuneStageConfig, SimMIMStageConfig,
                              SupervisedStageConfig)
@@ -22,7 +23,6 @@ from pretrain.dist import DistContext
 from pretrain.ema import WeightEMA
 from pretrain.engine import Engine
 from pretrain.loggers import simmim_panel
-from pretrain.optim import build_param_groups
 from pretrain.preflight import Start
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,6 @@ class Stage:
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
-
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        o = self.cfg.stage.optim
-        return build_param_groups(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
-                                  depths=self.cfg.model.depths, no_decay_keywords=model.no_weight_decay_keywords())
 
     def initial_weights(self) -> Callable[[nn.Module], None] | None:
         return None
@@ -101,7 +96,7 @@ class Stage:
 class SimMIMStage(Stage):
     def build_model(self) -> nn.Module:
         st, m = self.cfg.stage, self.cfg.model
-        return SimMIM(encoder_stride=m.patch_size * 2 ** (len(m.depths) - 1), norm_target=st.norm_target,
+        return SimMIM(encoder_stride=total_stride(m.patch_size, len(m.depths)), norm_target=st.norm_target,
                       norm_target_patch=st.norm_target_patch, **self.model_kwargs())
 
     def flops_per_image(self) -> int:

@@ -17,6 +17,7 @@ from pretrain.engine import Engine, build_engine
 from pretrain.guard import StepGuard, TrainingHalted, Verdict
 from pretrain.loggers import RunLogger
 from pretrain.metrics import TrainMeter, peak_flops_per_s
+from pretrain.optim import optimizer_for
 from pretrain.preemption import PreemptionWatcher
 from pretrain.preflight import Start
 from pretrain.progress import Progress
@@ -82,7 +83,7 @@ def train(start: Start) -> None:
 
     seed_all(cfg.seed)  # the same initial weights on every rank
     stage = build_stage(start, ctx)
-    engine = build_engine(cfg, ctx, stage, accum)
+    engine = build_engine(cfg, ctx, stage, accum, optimizer_for(cfg.stage.optim))
     ema = stage.weight_ema(engine)  # None unless the stage keeps an EMA of the weights
     seed_all(cfg.seed + ctx.rank)  # per-rank randomness (drop path) from here on
     loader = stage.train_loader()

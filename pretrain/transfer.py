@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from models import layouts
-from models.swinv2 import block_window
+from models.swinv2 import block_window, feature_map_sides
 from pretrain import rundir
 from pretrain.checkpoint import read_client_states, tag_step
 from pretrain.config import ConfigError
@@ -87,7 +87,7 @@ def trained_windows(model: Any) -> list[int]:
     """Per stage, the window size the position bias of a model with this config was trained at: its own
     `pretrained_window_sizes` where set (a fine-tune of a fine-tune keeps the first scale), else its window,
     clamped to the stage's feature map as the model clamps it."""
-    maps = [model.img_size // model.patch_size // 2 ** i for i in range(len(model.depths))]
+    maps = feature_map_sides(model.img_size, model.patch_size, len(model.depths))
     return [given if given > 0 else block_window(resolution, model.window_size)
             for given, resolution in zip(model.pretrained_window_sizes, maps)]
 

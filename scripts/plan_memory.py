@@ -86,12 +86,17 @@ def param_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
 
 
+def stage_model(cfg: Config) -> nn.Module:
+    """The stage's model (SimMIM, or SwinV2 with its head), built on the current default device."""
+    from pretrain.preflight import Start
+    from pretrain.stages import build_stage
+    return build_stage(Start(cfg), ctx=None).build_model()
+
+
 def build_meta_model(cfg: Config) -> nn.Module:
-    """The stage's model (SimMIM or SwinV2 + head) on the meta device, in the engine's compute dtype."""
-    from pretrain.stages import SimMIMStage, SupervisedStage
-    stage = (SimMIMStage if cfg.stage.name == "simmim" else SupervisedStage)(cfg, ctx=None)
+    """The stage's model on the meta device, in the engine's compute dtype."""
     with torch.device("meta"):
-        model = stage.build_model()
+        model = stage_model(cfg)
     mode = cfg.model.grad_checkpointing
     # fairscale's wrapper recomputes the same blocks as torch's; only where the saved inputs live differs.
     model.set_grad_checkpointing("torch" if mode.startswith("fairscale") else mode)
@@ -322,10 +327,9 @@ def state_plan(cfg: Config, model: nn.Module, world: int) -> Plan:
 
 
 def _param_groups(cfg: Config, model: nn.Module) -> list[list[nn.Parameter]]:
-    """The optimizer's parameter groups as the stage builds them (ZeRO-1/2 flatten each group)."""
-    from pretrain.stages import SimMIMStage, SupervisedStage
-    stage = (SimMIMStage if cfg.stage.name == "simmim" else SupervisedStage)(cfg, ctx=None)
-    return [g["params"] for g in stage.param_groups(model)]
+    """The optimizer's parameter groups as the engines get them (ZeRO-1/2 flatten each group)."""
+    from pretrain.optim import param_groups_for
+    return [g["params"] for g in param_groups_for(model, cfg.stage.optim)]
 
 
 # --------------------------------------------------------------------------------------------- the plan

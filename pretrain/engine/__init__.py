@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pretrain.config import Config
 from pretrain.dist import DistContext
-from pretrain.engine.base import Engine, ModelRecipe
+from pretrain.engine.base import Engine, ModelRecipe, OptimizerFn
 
 
 def engine_class(name: str) -> type[Engine]:
@@ -16,5 +16,6 @@ def engine_class(name: str) -> type[Engine]:
     raise ValueError(f"engine.name: unknown engine {name!r}")
 
 
-def build_engine(cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int) -> Engine:
-    return engine_class(cfg.engine.name)(cfg, ctx, recipe, accum)
+def build_engine(cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int, optimizer: OptimizerFn) -> Engine:
+    """The engine `engine.name` names, sharding the recipe's model and holding `optimizer(model)` over it."""
+    return engine_class(cfg.engine.name)(cfg, ctx, recipe, accum, optimizer)

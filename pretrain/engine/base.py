@@ -8,9 +8,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-ModelFn = Callable[[], nn.Module]
-ParamGroupsFn = Callable[[nn.Module], list[dict]]
 InitFn = Callable[[nn.Module], None]
+OptimizerFn = Callable[[nn.Module], torch.optim.Optimizer]  # pretrain.optim.build_optimizer over the model held
 
 
 class SaveFailed(Exception):
@@ -107,13 +106,27 @@ class Engine(ABC):
         forward computes with them."""
 
 
+class ShardableModel(Protocol):
+    """What an engine needs of a model (models.swinv2.SwinTransformerV2, models.simmim.SimMIM); the model knows
+    nothing of the engines."""
+
+    def blocks(self) -> list[nn.Module]:
+        """The units to shard and checkpoint one by one."""
+
+    def init_module(self, module: nn.Module) -> None:
+        """Initialise one module's own parameters, as a plain build would (a sharded build, module by module)."""
+
+    def init_buffers(self) -> None:
+        """Rebuild the non-persistent, shape-derived buffers (after a meta or partitioned build)."""
+
+    def set_grad_checkpointing(self, mode: str) -> None: ...
+
+
 class ModelRecipe(Protocol):
     """What a stage tells an engine about its model."""
 
-    def build_model(self) -> nn.Module:
-        """The initialised model; it has set_grad_checkpointing and no_weight_decay_keywords."""
-
-    def param_groups(self, model: nn.Module) -> list[dict]: ...
+    def build_model(self) -> ShardableModel:
+        """The initialised model."""
 
     def initial_weights(self) -> InitFn | None:
         """A function that loads starting weights into the full (unsharded) model on rank 0, or None."""

@@ -16,10 +16,10 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
-from models import SwinTransformerV2, init_module
+from pretrain.activation_checkpointing import apply_grad_checkpointing
 from pretrain.config import Config, DeepSpeedConfig
 from pretrain.dist import DistContext
-from pretrain.engine.base import Engine, InitFn, ModelRecipe, SaveFailed, write_error
+from pretrain.engine.base import Engine, InitFn, ModelRecipe, OptimizerFn, SaveFailed, write_error
 from pretrain.engine import universal
 from pretrain.safe_load import check_checkpoint
 
@@ -62,7 +62,7 @@ def deepspeed_json(engine: DeepSpeedConfig, *, micro_batch: int, accum: int, wor
 
 
 @torch.no_grad()
-def _init_like_a_plain_build(module: nn.Module) -> None:
+def _init_like_a_plain_build(module: nn.Module, init_module: InitFn) -> None:
     """init_module on CPU fp32 copies of the module's own (gathered) parameters, copied back: the draws come
     from the CPU generator in fp32, as in a plain build (a model built on an accelerator would draw from the
     accelerator's generator), and bf16 parameters get them rounded once, as deepspeed.initialize rounds a
@@ -87,11 +87,9 @@ def build_partitioned(recipe: ModelRecipe, ds_json: dict[str, Any]) -> nn.Module
         model = recipe.build_model()
     for m in model.modules():
         with deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)), modifier_rank=0):
-            _init_like_a_plain_build(m)
+            _init_like_a_plain_build(m, model.init_module)
     with torch.no_grad():  # non-persistent, shape-derived buffers; zero.Init leaves them unpartitioned
-        for m in model.modules():
-            if isinstance(m, SwinTransformerV2):
-                m.init_buffers()
+        model.init_buffers()
     return model
 
 
@@ -148,7 +146,7 @@ class KeptWriteErrors:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int):
+    def __init__(self, cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int, optimizer: OptimizerFn):
         ecfg: DeepSpeedConfig = cfg.engine
         self.device = ctx.device
         self.dtype = torch.bfloat16 if ecfg.precision == "bf16" else torch.float32
@@ -172,11 +170,8 @@ class DeepSpeedEngine(Engine):
         mode = cfg.model.grad_checkpointing
         if self.zero3 and mode == "torch":
             mode = "torch_reentrant"  # non-reentrant recompute sees ZeRO-3's released (empty) params
-        model.set_grad_checkpointing(mode)
-
-        o = cfg.stage.optim
-        optimizer = torch.optim.AdamW(recipe.param_groups(model), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        self.ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.json)
+        apply_grad_checkpointing(model, mode)
+        self.ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model), config=self.json)
         self.ds.checkpoint_engine = KeptWriteErrors(self.ds.checkpoint_engine)
         log.info("deepspeed: ZeRO-%d %s, micro batch %d x accumulation %d x world %d = global batch %d, "
                  "grad checkpointing %s", ecfg.zero_stage, ecfg.precision, cfg.stage.micro_batch, accum,

@@ -1,8 +1,8 @@
 """torch FSDP2 (`fully_shard`) behind the Engine interface.
 
 Sharding: one FSDP unit per SwinV2 block (model.blocks()) and one at the root for the rest (patch embed,
-patch merging, norms, head / SimMIM decoder). Activation checkpointing is the model's own per-block
-`set_grad_checkpointing(model.grad_checkpointing)`, the same switch the DeepSpeed engine uses, so both engines
+patch merging, norms, head / SimMIM decoder). Activation checkpointing is applied per block from outside
+(pretrain.activation_checkpointing, `model.grad_checkpointing`), as the DeepSpeed engine does, so both engines
 recompute the same blocks; the checkpointed call wraps the FSDP block, whose hooks gather the block again
 for the recompute.
 
@@ -38,10 +38,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from models import SwinTransformerV2
+from pretrain.activation_checkpointing import apply_grad_checkpointing
 from pretrain.config import Config, FSDPConfig
 from pretrain.dist import DistContext
-from pretrain.engine.base import Engine, ModelRecipe, SaveFailed, write_error
+from pretrain.engine.base import Engine, ModelRecipe, OptimizerFn, SaveFailed, write_error
 from pretrain.safe_load import check_checkpoint
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,11 @@ def materialise(model: nn.Module, recipe: ModelRecipe, ctx: DistContext) -> None
         full = source.state_dict()
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():  # non-persistent, shape-derived buffers are not in any state dict
-        for m in model.modules():
-            if isinstance(m, SwinTransformerV2):
-                m.init_buffers()
+        model.init_buffers()
 
 
 class FSDPEngine(Engine):
-    def __init__(self, cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int):
+    def __init__(self, cfg: Config, ctx: DistContext, recipe: ModelRecipe, accum: int, optimizer: OptimizerFn):
         ecfg: FSDPConfig = cfg.engine
         self.device = ctx.device
         self.dtype = DTYPES[ecfg.precision]
@@ -88,13 +86,10 @@ class FSDPEngine(Engine):
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         with torch.device("meta"):
             model = recipe.build_model()
-        model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        apply_grad_checkpointing(model, cfg.model.grad_checkpointing)
         self.model = shard_model(model, mesh, ecfg.precision, ecfg.reshard_after_forward)
         materialise(self.model, recipe, ctx)
-
-        o = cfg.stage.optim
-        self.optimizer = torch.optim.AdamW(recipe.param_groups(self.model), lr=o.lr, betas=tuple(o.betas),
-                                           eps=o.eps)
+        self.optimizer = optimizer(self.model)
         log.info("fsdp: FSDP2 %s over %d ranks (%d blocks + root), micro batch %d x accumulation %d x world %d "
                  "= global batch %d, grad checkpointing %s", ecfg.precision, ctx.world_size, len(model.blocks()),
                  cfg.stage.micro_batch, accum, ctx.world_size, cfg.stage.micro_batch * accum * ctx.world_size,

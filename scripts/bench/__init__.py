@@ -1,1 +1,11 @@
 """make bench: `python -m scripts.bench` runs every benchmark here and prints one table of ratios."""
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    """(suite, row) pairs, each row `dict(name, ours, baseline, ratio, how)`, as one aligned table."""
+    width = max(len(r["name"]) for _, r in rows)
+    lines = [f"{'suite':<8} {'what':<{width}} {'ours':>10} {'baseline':>10} {'ratio':>7}  how"]
+    for suite, r in rows:
+        lines.append(f"{suite:<8} {r['name']:<{width}} {r['ours']:>10.3f} {r['baseline']:>10.3f} "
+                     f"{r['ratio']:>6.2f}x  {r['how']}")
+    return "\n".join(lines)

@@ -15,6 +15,8 @@ import traceback
 
 import torch
 
+from scripts.bench import format_table
+
 SUITES = {  # name -> module; the order runs the in-process ones first, the torchrun launch last
     "model": "scripts.bench.bench_model",
     "data": "scripts.bench.bench_data",
@@ -33,15 +35,6 @@ def run_suite(name: str) -> tuple[list[dict], float, str | None]:
         return rows, time.perf_counter() - t0, None
     except Exception:  # noqa: BLE001 - one broken bench must not hide the others' numbers
         return [], time.perf_counter() - t0, traceback.format_exc(limit=3)
-
-
-def format_table(rows: list[tuple[str, dict]]) -> str:
-    width = max(len(r["name"]) for _, r in rows)
-    lines = [f"{'suite':<8} {'what':<{width}} {'ours':>10} {'baseline':>10} {'ratio':>7}  how"]
-    for suite, r in rows:
-        lines.append(f"{suite:<8} {r['name']:<{width}} {r['ours']:>10.3f} {r['baseline']:>10.3f} "
-                     f"{r['ratio']:>6.2f}x  {r['how']}")
-    return "\n".join(lines)
 
 
 def main() -> None:

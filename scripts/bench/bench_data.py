@@ -27,6 +27,7 @@ from data.demo import make_image
 from data.shards import build_loader
 from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, MaskGenerator, SimMIMTransform, SupervisedTransform,
                              posterize_to_zero_bits)
+from scripts.bench import format_table
 
 SIZE = 192
 
@@ -153,9 +154,7 @@ def main():
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    for row in run(args.images, args.rounds):
-        print(f"{row['name']}: ours {row['ours']:.1f}  baseline {row['baseline']:.1f}  "
-              f"ratio {row['ratio']:.2f}x  ({row['how']})", flush=True)
+    print(format_table([("data", row) for row in run(args.images, args.rounds)]), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pretrain import dist as pdist
+from scripts.bench import format_table
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINES = {"zero3": ["engine=deepspeed", "engine.zero_stage=3", "engine.precision=bf16"],
@@ -35,15 +36,15 @@ WORKER_TIMEOUT_S = 480
 class DDPEngine:
     """The baseline: whole model and optimizer on every rank, gradients all-reduced, bf16 autocast."""
 
-    def __init__(self, cfg, recipe):
+    def __init__(self, cfg, recipe, optimizer):
         from torch.nn.parallel import DistributedDataParallel
+
+        from pretrain.activation_checkpointing import apply_grad_checkpointing
         self.module = recipe.build_model()
-        self.module.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        apply_grad_checkpointing(self.module, cfg.model.grad_checkpointing)
         self.ddp = DistributedDataParallel(self.module)
-        o = cfg.stage.optim
-        self.optimizer = torch.optim.AdamW(recipe.param_groups(self.module), lr=o.lr, betas=tuple(o.betas),
-                                           eps=o.eps)
-        self.clip_grad = o.clip_grad
+        self.optimizer = optimizer(self.module)
+        self.clip_grad = cfg.stage.optim.clip_grad
 
     def forward(self, *args):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -61,6 +62,7 @@ class DDPEngine:
 
 def build(name: str, model: str, ctx):
     from pretrain.engine import build_engine
+    from pretrain.optim import optimizer_for
     from pretrain.preflight import Start
     from pretrain.stages import SimMIMStage
     from scripts.plan_memory import compose_config
@@ -68,7 +70,8 @@ def build(name: str, model: str, ctx):
                           f"stage.global_batch={MICRO_BATCH * ctx.world_size}", *ENGINES[name]])
     stage = SimMIMStage(Start(cfg), ctx)
     torch.manual_seed(0)
-    engine = DDPEngine(cfg, stage) if name == "ddp" else build_engine(cfg, ctx, stage, accum=1)
+    optimizer = optimizer_for(cfg.stage.optim)
+    engine = DDPEngine(cfg, stage, optimizer) if name == "ddp" else build_engine(cfg, ctx, stage, 1, optimizer)
     return stage, engine, cfg
 
 
@@ -137,9 +140,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.models, args.steps)
         pdist.exit_process(0)
-    for row in run(tuple(args.models), args.steps):
-        print(f"{row['name']}: ours {row['ours']:.3f}  baseline {row['baseline']:.3f}  ratio {row['ratio']:.2f}x  "
-              f"({row['how']})", flush=True)
+    print(format_table([("engines", row) for row in run(tuple(args.models), args.steps)]), flush=True)
 
 
 if __name__ == "__main__":

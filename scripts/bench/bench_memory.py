@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from scripts.bench import format_table
 from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of, measure_activations,
-                                 saved_activation_bytes)
+                                 saved_activation_bytes, stage_model)
 
 SEQ = "model.sequential_attn=[true,true,false,false]"
 TINY_768 = ["model=swinv2_tiny", "model.img_size=768", "model.window_size=24", "stage.mask_patch_size=32"]
@@ -26,10 +27,8 @@ GIANT_1536 = ["model=swinv2_giant", "model.img_size=1536", "model.window_size=24
 
 def measured_bytes(cfg, batch: int) -> int:
     """Bytes a real CPU forward leaves allocated for backward, input batch included."""
-    from pretrain.preflight import Start
-    from pretrain.stages import SimMIMStage
     torch.manual_seed(0)
-    model = SimMIMStage(Start(cfg), ctx=None).build_model().train()
+    model = stage_model(cfg).train()
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     image, *mask = example_inputs(cfg, batch)
     inputs = [torch.randn(image.shape)] + [(torch.rand(m.shape) > 0.4).float() for m in mask]
@@ -76,9 +75,7 @@ def run() -> list[dict]:
 
 
 def main() -> None:
-    for row in run():
-        print(f"{row['name']}: ours {row['ours']:.3f}  baseline {row['baseline']:.3f}  ratio {row['ratio']:.2f}  "
-              f"({row['how']})", flush=True)
+    print(format_table([("memory", row) for row in run()]), flush=True)
 
 
 if __name__ == "__main__":

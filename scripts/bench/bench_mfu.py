@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from models import SwinTransformerV2, swinv2_forward_flops
 from pretrain.metrics import measure_gemm_peak, train_flops_per_s
+from scripts.bench import format_table
 from scripts.plan_memory import compose_config
 
 NUM_CLASSES = 1000
@@ -86,9 +87,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    for row in run(args.batch, args.steps):
-        print(f"{row['name']}: ours {row['ours']:.3f}  baseline {row['baseline']:.3f}  ratio {row['ratio']:.2f}  "
-              f"({row['how']})", flush=True)
+    print(format_table([("mfu", row) for row in run(args.batch, args.steps)]), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 import torch
 
 from models.swinv2 import SwinTransformerBlock, SwinTransformerV2
+from scripts.bench import format_table
 
 TINY = dict(img_size=192, patch_size=4, in_chans=3, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
             window_size=12, mlp_ratio=4.0, drop_path_rate=0.2)
@@ -114,9 +115,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
-    for row in run(args.batch, args.repeats, args.device):
-        print(f"{row['name']}: ours {row['ours']:.2f}  baseline {row['baseline']:.2f}  "
-              f"ratio {row['ratio']:.2f}x  ({row['how']})", flush=True)
+    print(format_table([("model", row) for row in run(args.batch, args.repeats, args.device)]), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pretrain import dist
 from pretrain.config import CONF_DIR, finalize, grad_accum_steps, register_configs
 from pretrain.engine import build_engine
 from pretrain.trainer import train_step
-from world_size_job import MICRO, Recipe, global_batch
+from world_size_job import MICRO, Recipe, global_batch, optimizer
 
 
 class InfGrad(torch.autograd.Function):
@@ -66,7 +66,7 @@ def main(out: Path, engine_name: str, plan: list[str], extra: list[str]) -> None
     cfg = finalize(raw, ctx.world_size)
     accum = grad_accum_steps(cfg, ctx.world_size)
     torch.manual_seed(0)
-    engine = build_engine(cfg, ctx, Recipe(), accum)
+    engine = build_engine(cfg, ctx, Recipe(), accum, optimizer(cfg))
     for group in engine.param_groups:
         group["lr"] = 1e-3 * group["lr_scale"]
     loader = micro_batches(plan, ctx.rank, ctx.world_size, accum)

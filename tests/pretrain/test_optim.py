@@ -1,59 +1,23 @@
+"""AdamW groups: weight-decay exemptions and layer-wise lr decay over the real SwinV2 / SimMIM layer ids."""
 import pytest
 import torch
-from torch import nn
 
-from pretrain.optim import build_param_groups, is_no_decay, layer_id
+from models import SimMIM, SwinTransformerV2
+from pretrain.config import OptimConfig
+from pretrain.optim import build_optimizer, build_param_groups, is_no_decay
 
 KEYWORDS = ("cpb_mlp", "logit_scale", "mask_token")
 DEPTHS = (2, 1)  # L = 3: ids 0 (stem) .. 4 (norm, head, decoder)
+TINY = dict(img_size=32, patch_size=4, embed_dim=4, depths=DEPTHS, num_heads=(1, 2), window_size=4,
+            pretrained_window_sizes=(0, 0))
 
 
-class Attn(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.zeros(heads, 1, 1))
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, heads, bias=False))
+def tiny_swin() -> SwinTransformerV2:
+    return SwinTransformerV2(num_classes=5, **TINY)
 
 
-class Block(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.attn = Attn(dim, 2)
-        self.norm1 = nn.LayerNorm(dim)
-
-
-class Stage(nn.Module):
-    def __init__(self, depth, dim, downsample):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
-        if downsample:
-            self.downsample = nn.Module()
-            self.downsample.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-            self.downsample.norm = nn.LayerNorm(2 * dim)
-
-
-class TinySwin(nn.Module):
-    """Just the official SwinV2 parameter names (microsoft/Swin-Transformer), at toy sizes."""
-
-    def __init__(self):
-        super().__init__()
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, 4, 4, 4)
-        self.layers = nn.ModuleList([Stage(2, 4, True), Stage(1, 8, False)])
-        self.norm = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 5)
-
-
-class TinySimMIM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.encoder = TinySwin()
-        self.encoder.head = nn.Identity()
-        self.encoder.mask_token = nn.Parameter(torch.zeros(1, 1, 4))
-        self.decoder = nn.Sequential(nn.Conv2d(8, 48, 1), nn.PixelShuffle(4))
+def tiny_simmim() -> SimMIM:
+    return SimMIM(encoder_stride=8, **TINY)
 
 
 def group_of(groups, param):
@@ -61,28 +25,26 @@ def group_of(groups, param):
     return group
 
 
-@pytest.mark.parametrize("prefix", ["", "encoder."])
-def test_layer_ids_follow_the_official_rule(prefix):
-    assert layer_id(prefix + "patch_embed.proj.weight", DEPTHS) == 0
-    assert layer_id(prefix + "mask_token", DEPTHS) == 0
-    assert layer_id(prefix + "layers.0.blocks.0.attn.qkv.weight", DEPTHS) == 1
-    assert layer_id(prefix + "layers.0.blocks.1.norm1.weight", DEPTHS) == 2
-    assert layer_id(prefix + "layers.0.downsample.reduction.weight", DEPTHS) == 2
-    assert layer_id(prefix + "layers.1.blocks.0.mlp.fc1.weight", DEPTHS) == 3
-    assert layer_id(prefix + "norm.weight", DEPTHS) == 4
-    assert layer_id("head.weight", DEPTHS) == 4
-    assert layer_id("decoder.0.weight", DEPTHS) == 4
-
-
-def test_layer_id_rejects_names_beyond_depths():
-    with pytest.raises(ValueError, match="layers.2.blocks.0"):
-        layer_id("layers.2.blocks.0.attn.qkv.weight", DEPTHS)
-    with pytest.raises(ValueError, match=r"depths\[1\]=1"):
-        layer_id("layers.1.blocks.1.attn.qkv.weight", DEPTHS)
+@pytest.mark.parametrize("simmim", [False, True])
+def test_layer_ids_follow_the_official_rule(simmim):
+    model = tiny_simmim() if simmim else tiny_swin()
+    ids = model.layer_ids()
+    assert ids.keys() == dict(model.named_parameters()).keys()  # every parameter has one
+    p = "encoder." if simmim else ""
+    assert ids[p + "patch_embed.proj.weight"] == 0
+    assert ids[p + "layers.0.blocks.0.attn.qkv.weight"] == 1
+    assert ids[p + "layers.0.blocks.1.norm1.weight"] == 2
+    assert ids[p + "layers.0.downsample.reduction.weight"] == 2
+    assert ids[p + "layers.1.blocks.0.mlp.fc1.weight"] == 3
+    assert ids[p + "norm.weight"] == 4
+    if simmim:
+        assert ids["encoder.mask_token"] == 0 and ids["decoder.0.weight"] == 4
+    else:
+        assert ids["head.weight"] == 4
 
 
 def test_no_decay_on_biases_norms_and_keywords_but_decay_on_weights():
-    model = TinySimMIM()
+    model = tiny_simmim()
     named = dict(model.named_parameters())
     no_decay = {n for n, p in named.items() if is_no_decay(n, p, KEYWORDS)}
     blk = "encoder.layers.0.blocks.0."
@@ -107,7 +69,7 @@ def test_prefixed_keywords_do_not_match_like_the_official_simmim_quirk():
 
 
 def test_zero3_partitioned_parameter_uses_ds_shape():
-    partition = nn.Parameter(torch.empty(0))  # what a ZeRO-3 rank holds outside a gather
+    partition = torch.nn.Parameter(torch.empty(0))  # what a ZeRO-3 rank holds outside a gather
     partition.ds_shape = torch.Size([16, 4])
     assert not is_no_decay("layers.0.blocks.0.attn.qkv.weight", partition, KEYWORDS)
     partition.ds_shape = torch.Size([16])
@@ -115,7 +77,7 @@ def test_zero3_partitioned_parameter_uses_ds_shape():
 
 
 def test_without_layer_decay_two_groups_cover_every_parameter_once():
-    model = TinySimMIM()
+    model = tiny_simmim()
     groups = build_param_groups(model, weight_decay=0.05, no_decay_keywords=KEYWORDS)
     assert sorted(g["family"] for g in groups) == ["decay", "no_decay"]
     assert all(g["lr_scale"] == 1.0 for g in groups)
@@ -125,9 +87,8 @@ def test_without_layer_decay_two_groups_cover_every_parameter_once():
 
 
 def test_layer_decay_scales_and_merges_groups():
-    model = TinySwin()
-    groups = build_param_groups(model, weight_decay=0.1, layer_decay=0.5, depths=DEPTHS,
-                                no_decay_keywords=KEYWORDS)
+    model = tiny_swin()
+    groups = build_param_groups(model, weight_decay=0.1, layer_decay=0.5, no_decay_keywords=KEYWORDS)
     keys = [(g["lr_scale"], g["weight_decay"]) for g in groups]
     assert len(keys) == len(set(keys))
     # ids 0..4, each with decayed and undecayed parameters.
@@ -142,42 +103,37 @@ def test_layer_decay_scales_and_merges_groups():
 
 
 def test_simmim_wrapper_gets_the_same_ids_as_the_bare_model():
-    model = TinySimMIM()
-    groups = build_param_groups(model, weight_decay=0.1, layer_decay=0.9, depths=DEPTHS,
-                                no_decay_keywords=KEYWORDS)
+    model = tiny_simmim()
+    groups = build_param_groups(model, weight_decay=0.1, layer_decay=0.9, no_decay_keywords=KEYWORDS)
     assert group_of(groups, model.encoder.mask_token)["family"] == "no_decay/layer_00"
     assert group_of(groups, model.encoder.layers[1].blocks[0].attn.qkv.weight)["family"] == "decay/layer_03"
     assert group_of(groups, model.decoder[0].weight)["lr_scale"] == 1.0
 
 
-def test_groups_drive_adamw_and_frozen_parameters_are_left_out():
-    model = TinySwin()
+def test_the_optimizer_is_adamw_over_the_groups_and_frozen_parameters_are_left_out():
+    model = tiny_swin()
     model.head.requires_grad_(False)
-    groups = build_param_groups(model, weight_decay=0.1, no_decay_keywords=KEYWORDS)
-    assert not any(p is model.head.weight for g in groups for p in g["params"])
-    opt = torch.optim.AdamW(groups, lr=1e-3)
-    assert [g["family"] for g in opt.param_groups] == [g["family"] for g in groups]
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1, layer_decay=0.9, betas=[0.8, 0.9]))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.8, 0.9)
+    assert not any(p is model.head.weight for g in opt.param_groups for p in g["params"])
+    assert {g["family"] for g in opt.param_groups} >= {"decay/layer_00", "no_decay/layer_04"}
 
 
 @pytest.mark.parametrize("kwargs, word", [
     (dict(weight_decay=0.1, layer_decay=0.0), "layer_decay"),
     (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(weight_decay=0.1, layer_decay=0.9), "depths"),
 ])
 def test_bad_arguments_are_named(kwargs, word):
     with pytest.raises(ValueError, match=word):
-        build_param_groups(TinySwin(), **kwargs)
+        build_param_groups(tiny_swin(), **kwargs)
 
 
 @pytest.mark.parametrize("simmim", [False, True])
 def test_real_swinv2_names_reach_every_layer_id(simmim):
-    """Guards the name patterns against the real model: a renamed module would silently fall to L + 1."""
-    from models import SimMIM, SwinTransformerV2
-
     kwargs = dict(img_size=32, patch_size=4, embed_dim=8, depths=(2, 3), num_heads=(1, 2), window_size=4,
                   pretrained_window_sizes=(0, 0), extra_norm_period=2)
     model = SimMIM(encoder_stride=8, **kwargs) if simmim else SwinTransformerV2(num_classes=3, **kwargs)
-    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.8, depths=kwargs["depths"],
+    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.8,
                                 no_decay_keywords=model.no_weight_decay_keywords())
     assert {g["family"].split("/")[1] for g in groups} == {f"layer_{i:02d}" for i in range(7)}
     encoder = model.encoder if simmim else model

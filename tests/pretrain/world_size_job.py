@@ -10,6 +10,7 @@ only holds if the weights *and* the AdamW moments were restored. Writes OUT/loss
 {step: global mean loss} for the steps this launch ran, and the resumed loader's position.
 """
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -24,20 +25,21 @@ from pretrain import dist
 from pretrain.checkpoint import BatchLayout, Checkpointer, step_tag
 from pretrain.config import CONF_DIR, finalize, grad_accum_steps, register_configs
 from pretrain.engine import build_engine
-from pretrain.optim import build_param_groups
+from pretrain.optim import optimizer_for
 
 GLOBAL_BATCH, MICRO, CLASSES = 8, 2, 4
 TINY = dict(img_size=32, patch_size=4, embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=4,
             pretrained_window_sizes=(0, 0), drop_path_rate=0.0)
 
 
+def optimizer(cfg):
+    """AdamW with weight decay 0.05 and no layer decay, whatever the stage's config says."""
+    return optimizer_for(dataclasses.replace(cfg.stage.optim, weight_decay=0.05, layer_decay=1.0))
+
+
 class Recipe:
     def build_model(self):
         return SwinTransformerV2(num_classes=CLASSES, **TINY)
-
-    def param_groups(self, model):
-        return build_param_groups(model, weight_decay=0.05, depths=TINY["depths"],
-                                  no_decay_keywords=model.no_weight_decay_keywords())
 
     def initial_weights(self):
         return None
@@ -72,7 +74,7 @@ def main() -> None:
     cfg = finalize(raw, ctx.world_size)
     accum = grad_accum_steps(cfg, ctx.world_size)
     torch.manual_seed(0)
-    engine = build_engine(cfg, ctx, Recipe(), accum)
+    engine = build_engine(cfg, ctx, Recipe(), accum, optimizer(cfg))
     loader = build_loader(f"{args.shards}/train.txt", sample_fn=lambda b: {"n": torch.tensor(len(b))},
                           batch_size=MICRO, rank=ctx.rank, world_size=ctx.world_size, num_workers=0,
                           shuffle_buffer=16, resampled=False, samples_per_epoch=64, seed=0)

@@ -59,13 +59,13 @@ def train_and_save(kind: str, zero_stage: int, dtype: torch.dtype, out_dir: Path
     # Built whole, then partitioned by deepspeed.initialize: the checkpoint is the same either way, and
     # this keeps the test about conversion rather than about sharded construction.
     model = build(kind)
-    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.9, depths=TINY["depths"],
+    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.9,
                                 no_decay_keywords=model.no_weight_decay_keywords())
     families = family_of_each_parameter(model, groups)
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     # Partitioned parameters (ZeRO-3: empty local shapes) must land in the same groups.
-    regrouped = build_param_groups(engine.module, weight_decay=0.05, layer_decay=0.9, depths=TINY["depths"],
+    regrouped = build_param_groups(engine.module, weight_decay=0.05, layer_decay=0.9,
                                    no_decay_keywords=model.no_weight_decay_keywords())
     assert family_of_each_parameter(engine.module, regrouped) == families, "param groups changed under ZeRO"
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pretrain import dist  # noqa: E402
 from pretrain.engine.deepspeed import DeepSpeedEngine  # noqa: E402
+from pretrain.optim import optimizer_for  # noqa: E402
 from pretrain.preflight import Start  # noqa: E402
 from pretrain.stages import SimMIMStage  # noqa: E402
 from scripts.plan_memory import compose_config  # noqa: E402
@@ -29,7 +30,7 @@ def held_by_rank(model_name: str, ctx) -> dict:
                           "stage.micro_batch=1", "stage.global_batch=2", "model.img_size=64",
                           "model.window_size=4", "stage.mask_patch_size=16"])
     torch.manual_seed(0)
-    engine = DeepSpeedEngine(cfg, ctx, SimMIMStage(Start(cfg), ctx), accum=1)
+    engine = DeepSpeedEngine(cfg, ctx, SimMIMStage(Start(cfg), ctx), 1, optimizer_for(cfg.stage.optim))
     image = torch.randn(1, 3, 64, 64)
     mask = (torch.rand(1, 16, 16) > 0.5).float()
     engine.backward(engine.forward(image, mask)["loss"])

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
-from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of,  # noqa: E402
+from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of, stage_model,  # noqa: E402
                                  main, saved_activation_bytes, state_plan)
 from tests.torchrun import job_env, kill, start, torchrun_cmd  # noqa: E402
 MODELS = ("swinv2_nano", "swinv2_tiny")
@@ -72,11 +72,9 @@ def test_zero3_partitions_are_predicted_exactly(held, world, model):
 
 def real_forward_bytes(cfg, batch: int) -> int:
     """Bytes a real CPU forward leaves allocated for backward, input batch included."""
-    from pretrain.preflight import Start
-    from pretrain.stages import SimMIMStage
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
-    model = SimMIMStage(Start(cfg), ctx=None).build_model().to(dtype).train()
+    model = stage_model(cfg).to(dtype).train()
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     image, *mask = example_inputs(cfg, batch)  # meta tensors: shapes and dtypes only
     inputs = [torch.randn(image.shape, dtype=image.dtype)] + [(torch.rand(m.shape) > 0.4).float() for m in mask]

@@ -17,7 +17,7 @@ from models import SimMIM
 from pretrain import dist
 from pretrain.config import CONF_DIR, Config, DataConfig, FSDPConfig, ModelConfig, SimMIMStageConfig
 from pretrain.engine.fsdp import FSDPEngine
-from pretrain.optim import build_param_groups
+from pretrain.optim import optimizer_for
 
 BATCH = 32
 
@@ -28,9 +28,6 @@ class Recipe:
 
     def build_model(self):
         return SimMIM(encoder_stride=32, **self.kwargs)
-
-    def param_groups(self, model):
-        return build_param_groups(model, weight_decay=0.05, no_decay_keywords=model.no_weight_decay_keywords())
 
     def initial_weights(self):
         return None
@@ -63,7 +60,7 @@ def main() -> None:
         for ckpt in ("none", "torch"):
             cfg = config(model, ckpt)
             torch.manual_seed(0)
-            engine = FSDPEngine(cfg, ctx, Recipe(cfg.model), accum=1)
+            engine = FSDPEngine(cfg, ctx, Recipe(cfg.model), 1, optimizer_for(cfg.stage.optim))
             for g in engine.param_groups:
                 g["lr"] = 1e-4
             for i in range(3):
@@ -82,7 +79,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     engine.save(Path(tmp), "t")
                     torch.manual_seed(1)  # another init: the load must overwrite it
-                    fresh = FSDPEngine(cfg, ctx, Recipe(cfg.model), accum=1)
+                    fresh = FSDPEngine(cfg, ctx, Recipe(cfg.model), 1, optimizer_for(cfg.stage.optim))
                     fresh.load(Path(tmp), "t")
                     same = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in
                                zip(engine.module.parameters(), fresh.module.parameters()))

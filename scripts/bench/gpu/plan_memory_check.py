@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from models import simmim_forward_flops  # noqa: E402
+from pretrain.activation_checkpointing import apply_grad_checkpointing  # noqa: E402
 from pretrain.metrics import peak_flops_per_s  # noqa: E402
-from pretrain.stages import SimMIMStage, SupervisedStage  # noqa: E402
-from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of,  # noqa: E402
+from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of, stage_model,  # noqa: E402
                                  saved_activation_bytes)
 
 CASES = [
@@ -39,12 +39,11 @@ CASES = [
 
 
 def cuda_model(cfg):
-    stage = SimMIMStage if cfg.stage.name == "simmim" else SupervisedStage  # the classifier for supervised/finetune
     with torch.device("meta"):
-        model = stage(cfg, ctx=None).build_model()
+        model = stage_model(cfg)  # the classifier for supervised/finetune
     model.to_empty(device="cuda")
     model.init_weights()
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    apply_grad_checkpointing(model, cfg.model.grad_checkpointing)
     return model.to(torch.bfloat16).train()
 
 
