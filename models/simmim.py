@@ -40,19 +40,26 @@ def _box_mean(x: torch.Tensor, patch: int) -> torch.Tensor:
     return (c[..., patch:, :] - c[..., :-patch, :]) / (patch * patch)
 
 
-def norm_targets(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """Normalise each pixel by the mean and unbiased variance of its patch x patch neighbourhood, per
-    channel (the official SimMIM target for SwinV2)."""
+def local_mean_std(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel and channel, the mean and the std (unbiased variance + 1e-6, square-rooted) of its patch x patch
+    neighbourhood inside the image: what the official SimMIM target for SwinV2 divides out."""
     if patch % 2 != 1:
         raise ValueError(f"norm_target_patch must be odd, got {patch}")
     # centred per image and channel, the float32 running sums stay small and exact enough
-    x = x.float() - x.float().mean(dim=(-2, -1), keepdim=True)
+    centre = x.float().mean(dim=(-2, -1), keepdim=True)
+    x = x.float() - centre
     valid = _box_mean(torch.ones_like(x[:1, :1]), patch)  # fraction of the window inside the image
     mean = _box_mean(x, patch) / valid
     mean_sq = _box_mean(x * x, patch) / valid
     count = valid * patch * patch
     var = ((mean_sq - mean * mean) * (count / (count - 1))).clamp(min=0.0)
-    return (x - mean) / (var + 1e-6).sqrt()
+    return mean + centre, (var + 1e-6).sqrt()
+
+
+def norm_targets(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Each pixel normalised by its neighbourhood's mean and std (`local_mean_std`)."""
+    mean, std = local_mean_std(x, patch)
+    return (x.float() - mean) / std
 
 
 class SimMIM(nn.Module):

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from models.simmim import local_mean_std
 
 METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
@@ -45,15 +46,6 @@ def _to_uint8(image: torch.Tensor, mean, std) -> np.ndarray:
     return pixels.round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def _local_mean_std(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel mean/std over a patch x patch neighbourhood: what SimMIM's norm_target divides out
-    (up to its n/(n-1) variance correction, invisible in a picture)."""
-    pool = dict(kernel_size=patch, stride=1, padding=patch // 2, count_include_pad=False)
-    mean = F.avg_pool2d(x, **pool)
-    var = (F.avg_pool2d(x * x, **pool) - mean * mean).clamp(min=0.0)
-    return mean, (var + 1e-6).sqrt()
-
-
 @torch.no_grad()
 def simmim_panel(image, mask, reconstruction, mean, std, *, norm_target_patch: int | None = None) -> np.ndarray:
     """Input | masked input | reconstruction, side by side, as one HWC uint8 picture.
@@ -69,7 +61,7 @@ def simmim_panel(image, mask, reconstruction, mean, std, *, norm_target_patch: i
     scale = image.shape[-2] // mask.shape[-2]
     pixel_mask = mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1)[None]  # (1, H, W)
     if norm_target_patch:
-        local_mean, local_std = _local_mean_std(image[None], norm_target_patch)
+        local_mean, local_std = local_mean_std(image[None], norm_target_patch)
         reconstruction = reconstruction * local_std[0] + local_mean[0]
     black = -torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1) / torch.as_tensor(std).view(-1, 1, 1)
     masked = image * (1 - pixel_mask) + black * pixel_mask
