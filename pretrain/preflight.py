@@ -27,7 +27,6 @@ AUTO_SOURCE = {"supervised": "simmim", "finetune": "supervised"}
 class Start:
     cfg: Config
     source: transfer.Source | None = None  # starting weights; None from scratch and when resuming
-    resuming: bool = False  # this run dir already holds a checkpoint: the trainer continues from it
 
 
 def preflight(cfg: Config, world_size: int) -> Start:
@@ -59,7 +58,7 @@ def resolve_start(cfg: Config) -> Start:
         _check_coords(cfg, source)
         windows = _pretrained_windows(cfg, source, resuming)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_window_sizes=windows))
-    return Start(cfg, source, resuming)
+    return Start(cfg, source)
 
 
 def _source(cfg: Config) -> transfer.Source | None:
