@@ -13,7 +13,6 @@
     .venv/bin/python -m scripts.bench.bench_data [--images 256] [--rounds 5]
 `run()` returns the rows for the scripts.bench aggregator.
 """
-import argparse
 import statistics
 import tempfile
 import time
@@ -27,7 +26,7 @@ from data.demo import make_image
 from data.shards import build_loader
 from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, MaskGenerator, SimMIMTransform, SupervisedTransform,
                              posterize_to_zero_bits)
-from scripts.bench import format_table
+from scripts.bench import suite_main
 
 SIZE = 192
 
@@ -66,6 +65,15 @@ def _pil(data: bytes):
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
+def _each(fn, items, images_per_item: int = 1):
+    """A round for `_interleaved`: fn over every item; returns the images done."""
+    def round_() -> int:
+        for item in items:
+            fn(item)
+        return len(items) * images_per_item
+    return round_
+
+
 def _interleaved(fns: dict, rounds: int) -> dict:
     """Median images/s of each fn (called with no arguments, returns images done), rounds interleaved."""
     rates = {k: [] for k in fns}
@@ -81,17 +89,7 @@ def _interleaved(fns: dict, rounds: int) -> dict:
 
 def bench_transform(name, ours, plain, data: list[bytes], rounds: int, source: str = "500x375",
                     baseline: str = "Pillow + torchvision v2 on the whole image") -> dict:
-    def run_ours():
-        for d in data:
-            ours(d)
-        return len(data)
-
-    def run_plain():
-        for d in data:
-            plain(_pil(d))
-        return len(data)
-
-    r = _interleaved(dict(ours=run_ours, plain=run_plain), rounds)
+    r = _interleaved(dict(ours=_each(ours, data), plain=_each(lambda d: plain(_pil(d)), data)), rounds)
     return dict(name=f"{name} decode+augment {source} JPEG -> {SIZE}px, 1 core (img/s)", ours=r["ours"],
                 baseline=r["plain"], ratio=r["ours"] / r["plain"],
                 how=f"in memory, {len(data)} images x {rounds} interleaved rounds, medians; ours = data.transforms "
@@ -110,17 +108,8 @@ def bench_loader(shard_dir: str, n_shards: int, batch: int, batches: int, rounds
     stock = iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat().shuffle(batch * 2)
                  .decode("pil").map(lambda s: dict(plain(s["jpg"]), label=int(s["cls"]))).batched(batch))
 
-    def run_ours():
-        for _ in range(batches):
-            next(loader)
-        return batches * batch
-
-    def run_stock():
-        for _ in range(batches):
-            next(stock)
-        return batches * batch
-
-    r = _interleaved(dict(ours=run_ours, stock=run_stock), rounds)
+    r = _interleaved(dict(ours=_each(lambda _: next(loader), range(batches), batch),
+                          stock=_each(lambda _: next(stock), range(batches), batch)), rounds)
     return dict(name=f"SimMIM webdataset loader, 1 core, batch {batch} (img/s)", ours=r["ours"],
                 baseline=r["stock"], ratio=r["ours"] / r["stock"],
                 how=f"tar read + shuffle + decode + augment + collate over {n_shards} shards, num_workers=0, "
@@ -150,13 +139,5 @@ def run(images: int = 128, rounds: int = 5) -> list[dict]:
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    print(format_table([("data", row) for row in run(args.images, args.rounds)]), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main("data", run, __doc__, images=128, rounds=5)

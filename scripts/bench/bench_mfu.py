@@ -9,7 +9,6 @@ with fp32 AdamW master weights (what the DeepSpeed bf16 engine does). Forward + 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from models import SwinTransformerV2, swinv2_forward_flops
 from pretrain.metrics import measure_gemm_peak, train_flops_per_s
-from scripts.bench import format_table
+from scripts.bench import suite_main
 from scripts.plan_memory import compose_config
 
 NUM_CLASSES = 1000
@@ -82,13 +81,5 @@ def run(batch: int = 16, steps: int = 3) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    print(format_table([("mfu", row) for row in run(args.batch, args.steps)]), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    suite_main("mfu", run, __doc__, batch=16, steps=3)
