@@ -18,7 +18,11 @@ DeepSpeed ZeRO-3 (deepspeed.runtime.zero, the keys of engine.config.zero_optimiz
   released in between: DeepSpeed keeps it when fewer than stage3_max_reuse_distance elements of parameters
   are used in between (counted along the recorded module trace), or when the prefetcher has already
   looked past that use (modelled as: within stage3_max_live_parameters, its lookahead, when
-  stage3_prefetch_bucket_size > 0);
+  stage3_prefetch_bucket_size > 0). Measured exact (tests/scripts/test_plan_step.py) with the prefetcher
+  off and with stage3_max_reuse_distance >= stage3_max_live_parameters (DeepSpeed's defaults: 1e9 both);
+  a reuse distance below the live limit makes the prefetcher gather some parameters twice (not modelled).
+  The prefetcher issues some of the backward's gathers already at the end of the forward: they are listed
+  under the use that needs them;
 - gradients are reduce-scattered every micro batch in the param dtype (communication_data_type if set);
 - the step all-reduces the gradient norm and the overflow flag (one fp64 scalar each).
 The first two steps differ (the first records the module trace, with everything released; the second
