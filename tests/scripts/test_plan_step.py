@@ -8,7 +8,6 @@ FSDP2 without reshard after forward. Every collective kind and dtype the plan pr
 DeepSpeed's prefetcher issues some of the backward's gathers at the end of the forward.)
 """
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ sys.path.insert(0, str(REPO))
 from scripts.plan_memory import compose_config  # noqa: E402
 from scripts.plan_step import main, totals, traffic  # noqa: E402
 from tests.scripts.plan_step_job import SMALL  # noqa: E402
-from tests.torchrun import job_env, kill, start, torchrun_cmd  # noqa: E402
+from tests.torchrun import torchrun_side_by_side  # noqa: E402
 
 RELEASE_ALL = ["+engine.config.zero_optimization.stage3_max_reuse_distance=0",
                "+engine.config.zero_optimization.stage3_prefetch_bucket_size=0"]
@@ -45,19 +44,10 @@ WORLDS = (2, 4)
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[int, Path]:
     """Each rank's traffic of every case, from a 2-rank and a 4-rank launch running side by side."""
-    out, procs = {}, []
-    for world in WORLDS:
-        out[world] = tmp_path_factory.mktemp(f"world{world}")
-        cmd = torchrun_cmd(HERE / "plan_step_job.py", str(out[world]), *map(json.dumps, CASES.values()),
-                           nproc=world)
-        procs.append(start(cmd, job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        for proc in procs:
-            log, _ = proc.communicate(timeout=600)
-            assert proc.returncode == 0, log[-4000:]
-    finally:
-        for proc in procs:
-            kill(proc)
+    out = {world: tmp_path_factory.mktemp(f"world{world}") for world in WORLDS}
+    cases = [json.dumps(case) for case in CASES.values()]
+    torchrun_side_by_side([(HERE / "plan_step_job.py", [str(out[world]), *cases], world) for world in WORLDS],
+                          timeout=600)
     return out
 
 
