@@ -16,6 +16,7 @@ from collections import defaultdict
 from typing import Iterator
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -46,14 +47,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class CollectiveMeter(TorchDispatchMode):
-    """`bytes[(phase, kind, dtype)]` and `calls[...]` of the collectives run while the meter is entered.
+    """`bytes[(phase, kind, dtype)]` of the collectives run while the meter is entered.
     Unknown collectives (barriers, point-to-point) are counted under their op name, so none go unseen."""
 
     def __init__(self):
         super().__init__()
         self.phase = ""
         self.bytes: dict[tuple[str, str, str], int] = defaultdict(int)
-        self.calls: dict[tuple[str, str, str], int] = defaultdict(int)
 
     @contextlib.contextmanager
     def in_phase(self, name: str) -> Iterator[None]:
@@ -64,23 +64,20 @@ class CollectiveMeter(TorchDispatchMode):
             self.phase = outer
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(t.__name__ == "DTensor" for t in types):
+        if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # DTensor dispatches again with plain tensors, which this mode then sees
-        namespace = func.namespace
-        if namespace in ("c10d", "_c10d_functional") and not func.name().endswith(("wait_tensor", "_autograd")):
+        # wait_tensor and _wrap_tensor_autograd are the functional collectives' bookkeeping, not traffic
+        if func.namespace in ("c10d", "_c10d_functional") and not func.name().endswith(("wait_tensor", "_autograd")):
             self._count(func.name(), args)
         return func(*args, **(kwargs or {}))
 
     def _count(self, name: str, args: tuple) -> None:
         kind, index = COLLECTIVES.get(name, (name, 0))
-        tensors = [t for t in tree_leaves(args[index or 0]) if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tree_leaves(args[0 if index is None else index]) if isinstance(t, torch.Tensor)]
         size = sum(t.numel() * t.element_size() for t in tensors)
         if index is None:
             size *= args[1]
-        key = (self.phase, kind, dtype_name(tensors[0].dtype) if tensors else "")
-        self.bytes[key] += size
-        self.calls[key] += 1
+        self.bytes[self.phase, kind, dtype_name(tensors[0].dtype) if tensors else ""] += size
 
     def reset(self) -> None:
         self.bytes.clear()
-        self.calls.clear()

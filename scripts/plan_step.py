@@ -24,7 +24,7 @@ DeepSpeed ZeRO-3 (deepspeed.runtime.zero, the keys of engine.config.zero_optimiz
   The prefetcher issues some of the backward's gathers already at the end of the forward: they are listed
   under the use that needs them;
 - gradients are reduce-scattered every micro batch in the param dtype (communication_data_type if set);
-- the step all-reduces the gradient norm and the overflow flag (one fp64 scalar each).
+- the step all-reduces two fp64 scalars (the gradient norm).
 The first two steps differ (the first records the module trace, with everything released; the second
 checks it); the plan is the steady state from the third.
 
@@ -49,7 +49,6 @@ NVLink, both directions); InfiniBand NDR 50 GB/s (one 400 Gb/s ConnectX-7 per GP
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -65,7 +64,9 @@ from scripts.plan_memory import build_meta_model, compose_config, describe, ds_v
 GB = 1e9
 # deepspeed.runtime.zero.config defaults of the keys only this plan reads (plan_memory has the others)
 DS_TRACE_DEFAULTS = {"stage3_max_reuse_distance": int(1e9), "stage3_max_live_parameters": int(1e9)}
-DS_STEP_ALL_REDUCES = 2  # stage3.py: the gradient norm and the overflow flag, one fp64 scalar each
+# stage3.py's step all-reduces two fp64 scalars for the gradient norm (zero/utils.py get_norm_dtype: fp64);
+# two, as a run counts them (tests/scripts/test_plan_step.py)
+DS_STEP_ALL_REDUCES = 2
 NVLINK_GBPS = 450.0
 IB_GBPS = 50.0
 
@@ -88,7 +89,7 @@ def dtype_bytes(name: str) -> int:
 @dataclass
 class Use:
     phase: str  # forward | recompute | backward
-    params: list[nn.Parameter]  # the module's own
+    params: list[nn.Parameter]  # its module's own and those it reads from uncalled children
 
 
 def forward_order(cfg: Config, model: nn.Module) -> list[tuple[list[nn.Parameter], int | None]]:
@@ -170,7 +171,7 @@ def zero3_rows(cfg: Config, model: nn.Module, world: int, accum: int) -> list[Ro
                     accum * sum(padded(t) for t in params if t.requires_grad) * dtype_bytes(comm)))
     rows.append(Row("step", "all_gather", p, "persistent parameters, after the update",
                     sum(padded(t) for t in params if t.numel() <= threshold) * dtype_bytes(p)))
-    rows.append(Row("step", "all_reduce", "fp64", "gradient norm, overflow flag", DS_STEP_ALL_REDUCES * 8))
+    rows.append(Row("step", "all_reduce", "fp64", "gradient norm (fp64 scalars)", DS_STEP_ALL_REDUCES * 8))
     return rows
 
 
