@@ -40,6 +40,20 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> 
     return output
 
 
+def torchrun_side_by_side(jobs: list[tuple[Path, list[str], int]], timeout: float = 400) -> None:
+    """Run torchrun jobs `(script, args, nproc)` at once, each to a zero exit; all of them are killed whole
+    when one fails or outlasts `timeout`."""
+    procs = [start(torchrun_cmd(script, *args, nproc=nproc), job_env(), stdout=subprocess.PIPE,
+                   stderr=subprocess.STDOUT, text=True) for script, args, nproc in jobs]
+    try:
+        for proc in procs:
+            output = proc.communicate(timeout=timeout)[0]
+            assert proc.returncode == 0, output[-4000:]
+    finally:
+        for proc in procs:
+            kill(proc)
+
+
 def start(cmd: list[str], env: dict, **popen: object) -> subprocess.Popen:
     """`cmd` from the repository root in a session of its own (its process group is the job's)."""
     return subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, **popen)

@@ -10,7 +10,6 @@ How the truth is measured:
   Activations do not depend on the rank count (every rank runs the whole model on its own micro batch).
 """
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of, stage_model,  # noqa: E402
                                  main, saved_activation_bytes, state_plan)
-from tests.torchrun import job_env, kill, start, torchrun_cmd  # noqa: E402
+from tests.torchrun import torchrun_side_by_side  # noqa: E402
 MODELS = ("swinv2_nano", "swinv2_tiny")
 # Small images keep the job quick; parameter and optimizer bytes do not depend on the image size.
 JOB_OVERRIDES = ["engine.zero_stage=3", "engine.precision=bf16", "stage.micro_batch=1", "stage.global_batch=2",
@@ -38,19 +37,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def held(tmp_path_factory) -> dict[int, Path]:
     """What each rank of a 1-rank and a 2-rank ZeRO-3 run holds, written by two concurrent launches."""
-    out = {}
-    procs = []
-    for world in (1, 2):
-        out[world] = tmp_path_factory.mktemp(f"world{world}")
-        cmd = torchrun_cmd(HERE / "plan_memory_zero3_job.py", str(out[world]), *MODELS, nproc=world)
-        procs.append(start(cmd, job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        for proc in procs:
-            log, _ = proc.communicate(timeout=400)
-            assert proc.returncode == 0, log[-4000:]
-    finally:
-        for proc in procs:
-            kill(proc)
+    out = {world: tmp_path_factory.mktemp(f"world{world}") for world in (1, 2)}
+    torchrun_side_by_side([(HERE / "plan_memory_zero3_job.py", [str(out[world]), *MODELS], world) for world in out])
     return out
 
 
