@@ -165,9 +165,12 @@ def compiled_flex_attention():
     return compiled
 
 
+@torch.compiler.disable
 def flex_attend(q, k, v, table: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
     """`attend` with the bias as a score_mod: q, k, v (B_, nH, N, d), the CPB table (nH, (2W-1)^2), window b's
-    region ids regions[b % R] or None."""
+    region ids regions[b % R] or None. Always the one compiled flex_attention, also under a caller's
+    torch.compile (a graph of its own there): torch 2.14 finds no CPU kernel for flex_attention traced inside
+    a larger graph (inductor's NoValidChoicesError)."""
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise NotImplementedError("attn_impl='flex' cannot train on CPU: torch's FlexAttention has no CPU "
                                   "backward; use attn_impl sdpa or plain there")
