@@ -171,7 +171,7 @@ def flex_attend(q, k, v, table: torch.Tensor, regions: torch.Tensor | None) -> t
     region ids regions[b % R] or None. Always the one compiled flex_attention, also under a caller's
     torch.compile (a graph of its own there): torch 2.14 finds no CPU kernel for flex_attention traced inside
     a larger graph (inductor's NoValidChoicesError)."""
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+    if q.device.type == "cpu" and q.requires_grad:
         raise NotImplementedError("attn_impl='flex' cannot train on CPU: torch's FlexAttention has no CPU "
                                   "backward; use attn_impl sdpa or plain there")
     score_mod = flex_score_mod(table, math.isqrt(q.shape[-2]), regions)

@@ -185,9 +185,9 @@ def attention_kernel_on_meta(kernel: str):
     like the CPB bias) runs the memory-efficient kernel, which saves q, k, v, the bias, the output and the
     log-sum-exp only; CPU torch takes the math path whenever the bias needs a gradient. kernel="efficient"
     dispatches as CUDA does: 4-D inputs to the efficient kernel's meta function, anything else to the math
-    path; kernel="math" leaves the math path everywhere. attn_impl flex (which runs on no meta device) saves
-    what the efficient kernel saves less the bias (plus its (heads, (2W-1)^2) CPB table): it is counted as the
-    efficient kernel without a bias; it has no CPU backward, so no math path."""
+    path; kernel="math" leaves the math path everywhere. attn_impl flex, which runs on no meta device, saves
+    q, k, v, the output and the log-sum-exp: it is counted as the efficient kernel without a bias (the CPB
+    table it captures is (heads, (2W-1)^2), negligible); with no CPU backward it has no math path."""
     if kernel not in ATTN_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTN_KERNELS}, got {kernel!r}")
     original, original_flex = F.scaled_dot_product_attention, swinv2.flex_attend
