@@ -6,7 +6,7 @@ Shape-derived buffers (`relative_coords_table`, `relative_position_index`, and `
 the official `attn_mask` is built on use) are non-persistent: they are rebuilt for the target window,
 never loaded; the official checkpoints' copies are dropped on load.
 
-Three additions the official code lacks:
+Four additions the official code lacks:
 - `extra_norm_period`: the paper's extra main-branch LayerNorm "every 6 layers" for H/G. Counted per
   stage (as timm's CR port does): block j of a stage gets `norm3` after its MLP residual when
   (j + 1) % period == 0.
@@ -14,7 +14,11 @@ Three additions the official code lacks:
   recomputed in backward, so no (windows, heads, N, N) score tensor is ever held whole.
 - `cpb_coords="linear"`: the paper's linear-spaced CPB ablation (Table 1), for the transfer comparison in
   scripts/transfer_table.py; "log" (the default) is the official log-spaced CPB.
+- `attn_impl="flex"`: FlexAttention with the CPB bias and the shift mask as a score_mod, so neither the
+  (heads, N, N) bias nor the (windows, N, N) mask is built. torch's FlexAttention has no CPU backward: on
+  CPU it serves inference only.
 """
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +31,7 @@ from torch import nn
 from models import layouts
 
 GRAD_CHECKPOINTING_MODES = ("none", "torch", "torch_reentrant")  # others are applied from outside the model
-ATTN_IMPLS = ("sdpa", "plain")
+ATTN_IMPLS = ("sdpa", "plain", "flex")
 CPB_COORDS = ("log", "linear")
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)  # cosine-attention temperature >= 0.01
 
@@ -129,13 +133,62 @@ def attend(q, k, v, bias, impl: str) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-2, -1) + bias, dim=-1) @ v
 
 
+def flex_score_mod(table: torch.Tensor, window: int, regions: torch.Tensor | None):
+    """FlexAttention score_mod adding what `position_bias` and `region_mask` add, computed per score from the
+    indices: table[h, offset of (q, kv)] from the (nH, (2W-1)^2) CPB table, and -100 where regions[b % R]
+    (R windows' region ids, (R, N)) differ between q and kv. The table's gradient flows through the gather."""
+    span = 2 * window - 1
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        row, col = q_idx // window - kv_idx // window + window - 1, q_idx % window - kv_idx % window + window - 1
+        score = score + table[h, row * span + col]
+        if regions is None:
+            return score
+        w = b % regions.shape[0]
+        return torch.where(regions[w, q_idx] == regions[w, kv_idx], score, score - 100.0)
+    return score_mod
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention under torch.compile, once per process, as its documentation prescribes: only the
+    compiled call is fused (Triton on GPU, inductor's C++ template on CPU); eager flex_attention
+    materialises the scores. Built on first use: torch.compile and the import cost seconds per process.
+
+    Static shapes: on CPU torch 2.14's C++ flex template fails to compile with a dynamic batch. Each
+    (heads, head dim, window, masked or not, batch, grad mode, autocast) is then its own compiled variant,
+    a few per stage, and every variant counts against dynamo's per-function budget (recompile_limit, 8 by
+    default) past which flex_attention falls back to eager and unfused: the budget is raised to 64."""
+    from torch.nn.attention.flex_attention import flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return compiled
+
+
+@torch.compiler.disable
+def flex_attend(q, k, v, table: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
+    """`attend` with the bias as a score_mod: q, k, v (B_, nH, N, d), the CPB table (nH, (2W-1)^2), window b's
+    region ids regions[b % R] or None. Always the one compiled flex_attention, also under a caller's
+    torch.compile (a graph of its own there): torch 2.14 finds no CPU kernel for flex_attention traced inside
+    a larger graph (inductor's NoValidChoicesError)."""
+    if q.device.type == "cpu" and q.requires_grad:
+        raise NotImplementedError("attn_impl='flex' cannot train on CPU: torch's FlexAttention has no CPU "
+                                  "backward; use attn_impl sdpa or plain there")
+    score_mod = flex_score_mod(table, math.isqrt(q.shape[-2]), regions)
+    return compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=1.0)
+
+
 def _attend_chunk(q, k, v, rel_bias, regions, start: int, impl: str) -> torch.Tensor:
     """Attention for the chunk of flattened windows starting at `start`; its mask rows are built here so
-    that a checkpointed call saves nothing of chunk size."""
-    bias = rel_bias.unsqueeze(0)
+    that a checkpointed call saves nothing of chunk size. rel_bias is the CPB table for impl flex."""
     if regions is not None:
         rows = torch.arange(start, start + q.shape[0], device=regions.device) % regions.shape[0]
-        bias = bias + region_mask(regions.index_select(0, rows)).to(bias.dtype).unsqueeze(1)  # (c, nH, N, N)
+        regions = regions.index_select(0, rows)
+    if impl == "flex":
+        return flex_attend(q, k, v, rel_bias, regions)
+    bias = rel_bias.unsqueeze(0)
+    if regions is not None:
+        bias = bias + region_mask(regions).to(bias.dtype).unsqueeze(1)  # (c, nH, N, N)
     return attend(q, k, v, bias, impl)
 
 
@@ -202,11 +255,15 @@ class WindowAttention(nn.Module):
                                                                self.cpb_coords))
         self.relative_position_index.copy_(relative_position_index(self.window_size))
 
+    def position_bias_table(self) -> torch.Tensor:
+        """16 * sigmoid(CPB) per head and offset, (nH, (2W-1)^2): the sigmoid runs on the table, not on the
+        (nH, N, N) bias gathered from it."""
+        return 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table)).view(-1, self.num_heads).t()
+
     def position_bias(self) -> torch.Tensor:
-        """16 * sigmoid(CPB), (nH, N, N). The sigmoid runs on the (2W-1)^2 table before the gather."""
-        table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table)).view(-1, self.num_heads)
+        """The CPB bias of every (query, key) pair, (nH, N, N)."""
         N = self.window_size * self.window_size
-        return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+        return self.position_bias_table()[:, self.relative_position_index.view(-1)].view(-1, N, N)
 
     def forward(self, x: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
         """x (B * nW, N, C), shifted-window regions (nW, N) or None -> (B * nW, N, C)."""
@@ -218,9 +275,14 @@ class WindowAttention(nn.Module):
         scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
         q = q * (scale / q.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         k = k * (1.0 / k.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        rel_bias = self.position_bias()
+        if self.attn_impl == "flex":  # the table itself: the bias is gathered per score inside the kernel
+            rel_bias = self.position_bias_table().contiguous()
+        else:
+            rel_bias = self.position_bias()
         if self.sequential:
             out = self._sequential(q, k, v, rel_bias, regions)
+        elif self.attn_impl == "flex":
+            out = flex_attend(q, k, v, rel_bias, regions)
         elif regions is None:
             out = attend(q, k, v, rel_bias.unsqueeze(0), self.attn_impl)
         else:  # (B, nW * nH, N, d) against a (1, nW * nH, N, N) bias: broadcast over images, never repeated,

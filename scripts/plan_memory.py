@@ -52,6 +52,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
+from models import swinv2  # noqa: E402
 from pretrain.config import (CONF_DIR, Config, DeepSpeedConfig, SupervisedStageConfig, finalize,  # noqa: E402
                              register_configs)
 
@@ -184,13 +185,18 @@ def attention_kernel_on_meta(kernel: str):
     like the CPB bias) runs the memory-efficient kernel, which saves q, k, v, the bias, the output and the
     log-sum-exp only; CPU torch takes the math path whenever the bias needs a gradient. kernel="efficient"
     dispatches as CUDA does: 4-D inputs to the efficient kernel's meta function, anything else to the math
-    path; kernel="math" leaves the math path everywhere."""
+    path; kernel="math" leaves the math path everywhere. attn_impl flex, which runs on no meta device, saves
+    q, k, v, the output and the log-sum-exp: it is counted as the efficient kernel without a bias (the CPB
+    table it captures is (heads, (2W-1)^2), negligible); with no CPU backward it has no math path."""
     if kernel not in ATTN_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTN_KERNELS}, got {kernel!r}")
-    original = F.scaled_dot_product_attention
+    original, original_flex = F.scaled_dot_product_attention, swinv2.flex_attend
     if kernel == "math":
         yield
         return
+
+    def flex(q, k, v, table, regions):
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=1.0)[0].contiguous()
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         if q.is_meta and q.dim() == 4 and not kwargs:
@@ -200,11 +206,11 @@ def attention_kernel_on_meta(kernel: str):
         return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         **kwargs)
 
-    F.scaled_dot_product_attention = sdpa
+    F.scaled_dot_product_attention, swinv2.flex_attend = sdpa, flex
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, swinv2.flex_attend = original, original_flex
 
 
 def saved_activation_bytes(model: nn.Module, inputs: tuple[torch.Tensor, ...],

@@ -6,6 +6,10 @@
 2. Peak memory of one forward + backward of a stage-1 SwinV2-T block (shifted, with the mask) at
    1536px/window 32, with sequential attention vs batched, measured by torch's MemTracker on fake tensors
    (nothing is allocated). Ratio = batched peak / sequential peak.
+3. Fused window attention: a shifted stage-1 SwinV2-T block at 192/w12 and 256/w16 with attn_impl flex vs
+   plain, both torch.compile'd the same way, repeats interleaved, medians; fp32 and bf16 autocast. Forward +
+   backward on GPU, forward only on CPU (torch's FlexAttention has no CPU backward).
+   Ratio = plain time / flex time (> 1: flex is faster).
 
     .venv/bin/python -m scripts.bench.bench_model [--batch 8] [--repeats 5] [--device cpu|cuda]
 `run()` returns the rows for the scripts.bench aggregator.
@@ -16,7 +20,7 @@ import time
 
 import torch
 
-from models.swinv2 import SwinTransformerBlock, SwinTransformerV2
+from models.swinv2 import SwinTransformerBlock, SwinTransformerV2, init_module
 from scripts.bench import format_table
 
 TINY = dict(img_size=192, patch_size=4, in_chans=3, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
@@ -103,9 +107,59 @@ def bench_memory() -> dict:
                     "attention (16-window chunks), baseline = batched attention")
 
 
+def _stage1_block(img_size: int, window: int, attn_impl: str) -> SwinTransformerBlock:
+    """SwinV2-T's first shifted block (C=96, 3 heads), initialised as the model initialises it."""
+    side = img_size // TINY["patch_size"]
+    block = SwinTransformerBlock(96, side, 3, window, shift=True, pretrained_window_size=0, mlp_ratio=4.0,
+                                 drop_path=0.0, extra_norm=False, attn_impl=attn_impl, sequential=False, chunk_size=1)
+    for m in block.modules():
+        init_module(m)
+    block.attn.init_buffers()
+    block.init_buffers()
+    return block
+
+
+def bench_window_attention(img_size: int, window: int, batch: int, repeats: int, dtype: torch.dtype | None,
+                           device: str) -> dict:
+    """Flex vs plain attention in the same torch.compile'd block, called in turn; medians."""
+    torch.manual_seed(0)
+    train = device != "cpu"  # torch's FlexAttention has no CPU backward
+    blocks = {impl: torch.compile(_stage1_block(img_size, window, impl).to(device), dynamic=False)
+              for impl in ("flex", "plain")}
+    blocks["flex"].load_state_dict(blocks["plain"].state_dict())
+    x = torch.randn(batch, (img_size // TINY["patch_size"]) ** 2, 96, device=device, requires_grad=train)
+
+    def call(block):
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None), \
+                torch.set_grad_enabled(train):
+            out = block(x)
+        if train:
+            out.float().sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times = {impl: [] for impl in blocks}
+    for _ in range(2):  # compile, then warm up
+        for block in blocks.values():
+            call(block)
+    for _ in range(repeats):
+        for impl, block in blocks.items():
+            t0 = time.perf_counter()
+            call(block)
+            times[impl].append(time.perf_counter() - t0)
+    flex_s, plain_s = statistics.median(times["flex"]), statistics.median(times["plain"])
+    precision = "bf16 autocast" if dtype is not None else "fp32"
+    return dict(name=f"swinv2_tiny stage-1 block {img_size}/w{window} b{batch} {precision} {device} attn flex vs "
+                     f"plain (ms)", ours=flex_s * 1e3, baseline=plain_s * 1e3, ratio=plain_s / flex_s,
+                how=f"{'fwd+bwd' if train else 'fwd (no CPU flex backward)'}, shifted block, both "
+                    f"torch.compile'd, median of {repeats} interleaved calls, {torch.get_num_threads()} threads")
+
+
 def run(batch: int = 8, repeats: int = 5, device: str | None = None) -> list[dict]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = bench_step(batch, repeats, None, device) + bench_step(batch, repeats, torch.bfloat16, device)
+    rows += [bench_window_attention(img, window, batch, 2 * repeats, dtype, device)
+             for img, window in ((192, 12), (256, 16)) for dtype in (None, torch.bfloat16)]
     return rows + [bench_memory()]
 
 

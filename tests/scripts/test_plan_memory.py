@@ -101,6 +101,17 @@ def test_checkpointing_and_sequential_attention_lower_the_plan():
     assert peaks["seq"] < peaks["plain"]
 
 
+def test_flex_attention_is_planned_without_the_bias():
+    """attn_impl flex (which cannot run on the meta device) is counted as the efficient kernel without the
+    (windows x heads, N, N) bias and without the bias gather's index: less than sdpa at any batch."""
+    saved = {}
+    for impl in ("sdpa", "flex"):
+        cfg = compose_config(["model=swinv2_nano", f"model.attn_impl={impl}"])
+        model = build_meta_model(cfg)
+        saved[impl] = [saved_activation_bytes(model, example_inputs(cfg, b)).saved_bytes for b in (1, 2)]
+    assert all(0.5 * s < f < s for f, s in zip(saved["flex"], saved["sdpa"])), saved
+
+
 def test_giant_on_64_gpus_of_40gb(capsys):
     main(["--world-size", "64", "--gpu-mem-gb", "40", "model=swinv2_giant"])
     out = capsys.readouterr().out

@@ -16,6 +16,16 @@ from scripts.bench.bench_model import bench_step
 for dtype in (None, torch.bfloat16):
     print(bench_step(batch=128, repeats=10, dtype=dtype, device='cuda'))
 "
+echo "== fused window attention (attn_impl flex vs plain): exactness on CUDA (outputs and gradients), then timing"
+python3 -m pytest -q -p no:cacheprovider tests/models/test_attention.py -k cuda \
+    || echo "flex exactness check failed or pytest/psutil missing (add their wheels to .wheels/)"
+timeout 300 python3 -c "
+import torch
+from scripts.bench.bench_model import bench_window_attention
+for img, window in ((192, 12), (256, 16)):
+    for dtype in (None, torch.bfloat16):
+        print(bench_window_attention(img, window, batch=64, repeats=20, dtype=dtype, device='cuda'))
+"
 echo "== engine=fsdp on one GPU (NCCL, bf16)"
 timeout 150 python3 scripts/bench/gpu/fsdp_check.py
 echo "== GEMM peak, analytic FLOPs vs FlopCounterMode, SwinV2-T MFU"
