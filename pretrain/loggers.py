@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
-
-from models.simmim import local_mean_std
 
 METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
@@ -36,39 +33,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep the fact visible
     return value
-
-
-def _to_uint8(image: torch.Tensor, mean, std) -> np.ndarray:
-    """(3, H, W) normalised -> (H, W, 3) uint8 pixels."""
-    mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
-    pixels = (image * std + mean).clamp(0, 1) * 255
-    return pixels.round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-@torch.no_grad()
-def simmim_panel(image, mask, reconstruction, mean, std, *, norm_target_patch: int | None = None) -> np.ndarray:
-    """Input | masked input | reconstruction, side by side, as one HWC uint8 picture.
-
-    image, reconstruction: (3, H, W) in normalised units; mask: (h, w) 0/1 with 1 = masked, upsampled to
-    pixels. The reconstruction panel shows predicted pixels where the model had to predict them and the
-    input elsewhere. With SimMIM's norm_target the model predicts locally normalised pixels: pass
-    `norm_target_patch` to put the input's local mean/std back (as MAE's visualisation does).
-    """
-    image = torch.as_tensor(image).detach().float().cpu()
-    reconstruction = torch.as_tensor(reconstruction).detach().float().cpu()
-    mask = torch.as_tensor(mask).detach().float().cpu()
-    scale = image.shape[-2] // mask.shape[-2]
-    pixel_mask = mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1)[None]  # (1, H, W)
-    if norm_target_patch:
-        local_mean, local_std = local_mean_std(image[None], norm_target_patch)
-        reconstruction = reconstruction * local_std[0] + local_mean[0]
-    black = -torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1) / torch.as_tensor(std).view(-1, 1, 1)
-    masked = image * (1 - pixel_mask) + black * pixel_mask
-    pasted = image * (1 - pixel_mask) + reconstruction * pixel_mask
-    gap = np.full((image.shape[-2], 4, 3), 255, np.uint8)
-    panels = [_to_uint8(x, mean, std) for x in (image, masked, pasted)]
-    return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

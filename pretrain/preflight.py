@@ -3,8 +3,8 @@
 It checks the files the config names (the data shards, `stage.init_from`) and decides where the run starts
 from: its own latest checkpoint (a resume), a source run or weights file (supervised, finetune, eval), or
 nothing. For a fine-tune or an eval it also takes the windows the source's position bias was trained at
-(`model.pretrained_window_sizes`, pretrain/transfer.py) into the config. `Start` carries the result; its config
-is final, and nothing edits a config after this.
+(`model.pretrained_window_sizes`, pretrain/start_weights.py) into the config. `Start` carries the result; its
+config is final, and nothing edits a config after this.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from data.shards import shard_list
-from pretrain import rundir, transfer
+from pretrain import rundir, start_weights
 from pretrain.config import (Config, ConfigError, EvalStageConfig, FinetuneStageConfig, SupervisedStageConfig,
                              evaluates)
 
@@ -26,7 +26,7 @@ AUTO_SOURCE = {"supervised": "simmim", "finetune": "supervised"}
 @dataclass(frozen=True)
 class Start:
     cfg: Config
-    source: transfer.Source | None = None  # starting weights; None from scratch and when resuming
+    source: start_weights.Source | None = None  # starting weights; None from scratch and when resuming
 
 
 def preflight(cfg: Config, world_size: int) -> Start:
@@ -61,15 +61,15 @@ def resolve_start(cfg: Config) -> Start:
     return Start(cfg, source)
 
 
-def _source(cfg: Config) -> transfer.Source | None:
+def _source(cfg: Config) -> start_weights.Source | None:
     if not isinstance(cfg.stage, (SupervisedStageConfig, EvalStageConfig)) or cfg.stage.init_from == "none":
         return None
     auto = AUTO_SOURCE.get(cfg.stage.name, "supervised")  # eval: a fine-tune or supervised run, never auto
     spec = rundir.run_dir(cfg, auto) if cfg.stage.init_from == "auto" else cfg.stage.init_from
-    return transfer.resolve_source(str(spec), f"run +stage={auto} first, or set stage.init_from")
+    return start_weights.resolve_source(str(spec), f"run +stage={auto} first, or set stage.init_from")
 
 
-def _check_coords(cfg: Config, source: transfer.Source | None) -> None:
+def _check_coords(cfg: Config, source: start_weights.Source | None) -> None:
     if source is None or source.config is None:
         return
     trained = source.config.model.get("cpb_coords", "log")  # runs from before the option: log
@@ -78,7 +78,7 @@ def _check_coords(cfg: Config, source: transfer.Source | None) -> None:
                           "coordinates, which its position bias weights only fit")
 
 
-def _pretrained_windows(cfg: Config, source: transfer.Source | None, resuming: bool) -> list[int]:
+def _pretrained_windows(cfg: Config, source: start_weights.Source | None, resuming: bool) -> list[int]:
     m = cfg.model
     if any(m.pretrained_window_sizes) or (source is None and not resuming):
         return list(m.pretrained_window_sizes)
@@ -89,7 +89,7 @@ def _pretrained_windows(cfg: Config, source: transfer.Source | None, resuming: b
                           f"{source} was trained at (e.g. [12,12,12,6] after 192px/window 12): a weights file does "
                           "not say")
     trained = source.config.model
-    windows = transfer.trained_windows(trained)
+    windows = start_weights.trained_windows(trained)
     log.info("model.pretrained_window_sizes %s: the windows the position bias of %s was trained at (its img_size "
              "%d, window_size %d, pretrained_window_sizes %s)", windows, source.path, trained.img_size,
              trained.window_size, list(trained.pretrained_window_sizes))

@@ -13,16 +13,19 @@ from omegaconf import OmegaConf
 from pretrain import dist, rundir
 from pretrain.checkpoint import BatchLayout, Checkpointer
 from pretrain.config import Config, grad_accum_steps, total_steps
+from pretrain.ema import WeightEMA
 from pretrain.engine import Engine, build_engine
 from pretrain.guard import StepGuard, TrainingHalted, Verdict
 from pretrain.loggers import RunLogger
+from pretrain.loaders import next_batch
 from pretrain.metrics import TrainMeter, peak_flops_per_s
+from pretrain.objectives import Objective
 from pretrain.optim import optimizer_for
 from pretrain.preemption import PreemptionWatcher
 from pretrain.preflight import Start
 from pretrain.progress import Progress
 from pretrain.schedule import WarmupCosine, scale_lr, set_lr
-from pretrain.stages import Stage, build_stage, next_batch
+from pretrain.stages import build_stage
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class StepResult(NamedTuple):
     updated: bool  # the weights changed: False when some rank's loss or the global gradient norm was not finite
 
 
-def train_step(stage: Stage, engine: Engine, loader, accum: int) -> StepResult:
+def train_step(objective: Objective, engine: Engine, loader, accum: int) -> StepResult:
     """One optimizer step over `accum` micro batches."""
     # sums stay on the device: reading them every micro batch would stall a GPU
     loss_sum, extras_sum, data_wait_s = torch.zeros((), device=engine.device), {}, 0.0
@@ -57,7 +60,7 @@ def train_step(stage: Stage, engine: Engine, loader, accum: int) -> StepResult:
         t = time.perf_counter()
         batch = next_batch(loader)
         data_wait_s += time.perf_counter() - t
-        loss, extras = stage.loss(engine, batch)
+        loss, extras = objective.loss(engine, batch)
         # Every rank must know before its backward whether any rank's loss is bad: one tiny collective per
         # micro batch, left on the device (no host sync) until the step's end.
         finite = finite * dist.all_reduce_min(torch.isfinite(loss.detach()).float())
@@ -83,17 +86,18 @@ def train(start: Start) -> None:
 
     seed_all(cfg.seed)  # the same initial weights on every rank
     stage = build_stage(start, ctx)
-    engine = build_engine(cfg, ctx, stage, accum, optimizer_for(cfg.stage.optim))
-    ema = stage.weight_ema(engine)  # None unless the stage keeps an EMA of the weights
+    engine = build_engine(cfg, ctx, stage.model, accum, optimizer_for(cfg.stage.optim))
+    ema = WeightEMA(engine, stage.ema_decay) if stage.ema_decay > 0 else None  # evaluated beside the weights
     seed_all(cfg.seed + ctx.rank)  # per-rank randomness (drop path) from here on
-    loader = stage.train_loader()
+    loader = stage.data.train_loader()
     logger = RunLogger(run, cfg_dict, rank=ctx.rank, kind=cfg.logger.kind, project=cfg.logger.project,
                        group=cfg.experiment_name, job_type=cfg.stage.name, mode=cfg.logger.mode,
                        entity=cfg.logger.entity)
     # Before the resume: measuring the CPU GEMM peak draws random numbers, which must not shift the
     # restored RNG stream.
-    meter = TrainMeter(flops_per_image=stage.flops_per_image(), peak_flops=peak_flops_per_s(ctx.device, engine.dtype),
-                       world_size=ctx.world_size, device=ctx.device)
+    meter = TrainMeter(flops_per_image=stage.model.flops_per_image(),
+                       peak_flops=peak_flops_per_s(ctx.device, engine.dtype), world_size=ctx.world_size,
+                       device=ctx.device)
     guard = StepGuard(cfg.resilience, ctx.world_size)
     checkpointer = Checkpointer(rundir.checkpoint_dir(run), ctx, cfg.checkpoint.keep_last)
     checkpointer.track("loader", loader, reshards=True)
@@ -116,7 +120,7 @@ def train(start: Start) -> None:
     while step < total:
         t = time.perf_counter()
         set_lr(engine.param_groups, schedule(step))
-        result = train_step(stage, engine, loader, accum)
+        result = train_step(stage.objective, engine, loader, accum)
         step += 1  # a skipped step still counts: the lr schedule moves on, as in large-scale practice
         verdict = guard.check(step, result.loss, finite_loss=result.finite_loss, updated=result.updated)
         if verdict is Verdict.ROLL_BACK:
@@ -142,11 +146,11 @@ def train(start: Start) -> None:
         if verdict is Verdict.HALT:
             break  # on every rank, without saving: `latest` stays the last good checkpoint
         if ctx.is_main and cfg.logger.image_every and step % cfg.logger.image_every == 0:
-            logger.log_images(step, stage.images())
-        if stage.eval_due(step, total):
-            metrics = stage.evaluate(engine)
+            logger.log_images(step, stage.objective.images())
+        if stage.evaluator is not None and stage.evaluator.due(step, total):
+            metrics = stage.evaluator.evaluate(engine)
             if ema is not None:
-                metrics.update(ema.evaluate(stage.evaluate))
+                metrics.update(ema.evaluate(stage.evaluator.evaluate))
             logger.log(step, metrics)
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         stop = watcher.should_stop()

@@ -53,8 +53,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
 from models import swinv2  # noqa: E402
-from pretrain.config import (CONF_DIR, Config, DeepSpeedConfig, SupervisedStageConfig, finalize,  # noqa: E402
-                             register_configs)
+from pretrain.config import (CONF_DIR, Config, DeepSpeedConfig, SimMIMStageConfig,  # noqa: E402
+                             SupervisedStageConfig, finalize, register_configs)
+from pretrain.objectives import masked_l1  # noqa: E402
 
 GB = 1e9
 ADAM_MOMENTS_BYTES = 8  # exp_avg + exp_avg_sq, fp32
@@ -91,7 +92,7 @@ def stage_model(cfg: Config) -> nn.Module:
     """The stage's model (SimMIM, or SwinV2 with its head), built on the current default device."""
     from pretrain.preflight import Start
     from pretrain.stages import build_stage
-    return build_stage(Start(cfg), ctx=None).build_model()
+    return build_stage(Start(cfg), ctx=None).model.build_model()
 
 
 def build_meta_model(cfg: Config) -> nn.Module:
@@ -113,8 +114,15 @@ def example_inputs(cfg: Config, batch: int) -> tuple[torch.Tensor, ...]:
     return image, torch.empty(batch, side, side, device="meta")
 
 
-def loss_of(out) -> torch.Tensor:
-    return out["loss"] if isinstance(out, dict) else out.float().sum()
+def training_loss(cfg: Config, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One training forward and its loss as the trainer computes it (what the loss saves for backward counts
+    too): SimMIM's masked L1 of the reconstruction (pretrain.objectives.masked_l1); for a classifier, the
+    logits summed stand in for the cross-entropy."""
+    out = model(*inputs)
+    if not isinstance(cfg.stage, SimMIMStageConfig):
+        return out.float().sum()
+    st = cfg.stage
+    return masked_l1(out, *inputs, st.norm_target_patch if st.norm_target else None)
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -213,14 +221,14 @@ def attention_kernel_on_meta(kernel: str):
         F.scaled_dot_product_attention, swinv2.flex_attend = original, original_flex
 
 
-def saved_activation_bytes(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+def saved_activation_bytes(cfg: Config, model: nn.Module, inputs: tuple[torch.Tensor, ...],
                            attn_kernel: str = "efficient") -> SavedTensorMeter:
     """One training forward; what autograd keeps for backward. Works on meta and on real tensors."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     stack = [SavedTensorMeter(params)]
     with metered_checkpoint(stack), attention_kernel_on_meta(attn_kernel), \
             torch.autograd.graph.saved_tensors_hooks(stack[0].pack, lambda t: t):
-        loss_of(model(*inputs))
+        training_loss(cfg, model, inputs)
     return stack[0]
 
 
@@ -236,7 +244,8 @@ class Activations:
 def measure_activations(cfg: Config, attn_kernel: str = "efficient") -> Activations:
     """Peak activation bytes (saved + largest recompute) at micro batch 1 and 2 on the meta device."""
     model = build_meta_model(cfg)
-    one, two = (saved_activation_bytes(model, example_inputs(cfg, b), attn_kernel).peak_bytes for b in (1, 2))
+    one, two = (saved_activation_bytes(cfg, model, example_inputs(cfg, b), attn_kernel).peak_bytes
+                for b in (1, 2))
     return Activations(per_image=two - one, fixed=2 * one - two)
 
 

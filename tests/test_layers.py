@@ -1,6 +1,8 @@
 """The package layering of docs/INTERFACES.md, read from the import statements (function-level ones too):
-models/ and data/ stand alone, models/ knows no sharding library, and pretrain/ has no import cycle."""
+models/ and data/ stand alone, models/ knows no sharding library, pretrain/ has no import cycle, and each
+pretrain/ module imports only its own row of the documented layer table and those below it."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,27 @@ def test_pretrain_has_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def documented_layers() -> list[list[str]]:
+    """The pretrain/ layer table of docs/INTERFACES.md, top row first: the module names of each row."""
+    text = (REPO / "docs" / "INTERFACES.md").read_text()
+    table = text.split("## pretrain/", 1)[1].split("```\n", 2)[1]
+    return [[name.strip().rstrip("/") for name in re.split(r"\s{2,}", line)[0].split(",")]
+            for line in table.splitlines() if line.strip()]
+
+
+def test_pretrain_modules_import_only_their_layer_and_below():
+    rows = documented_layers()
+    graph = {m: deps for m, deps in imports("pretrain").items() if m != "pretrain"}
+
+    def row_of(module: str) -> int:
+        hits = [i for i, names in enumerate(rows) for name in names
+                if module == f"pretrain.{name}" or module.startswith(f"pretrain.{name}.")]
+        assert len(hits) == 1, f"{module} is in {len(hits)} rows of the layer table in docs/INTERFACES.md"
+        return hits[0]
+
+    for module, deps in graph.items():
+        row_of(module)  # every module has its row
+        for dep in sorted(deps & graph.keys()):
+            assert row_of(dep) >= row_of(module), f"{module} imports {dep}, a layer above it (docs/INTERFACES.md)"

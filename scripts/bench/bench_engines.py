@@ -36,6 +36,8 @@ WORKER_TIMEOUT_S = 480
 class DDPEngine:
     """The baseline: whole model and optimizer on every rank, gradients all-reduced, bf16 autocast."""
 
+    device, dtype = torch.device("cpu"), torch.float32  # inputs stay fp32: autocast alone lowers the compute
+
     def __init__(self, cfg, recipe, optimizer):
         from torch.nn.parallel import DistributedDataParallel
 
@@ -64,14 +66,15 @@ def build(name: str, model: str, ctx):
     from pretrain.engine import build_engine
     from pretrain.optim import optimizer_for
     from pretrain.preflight import Start
-    from pretrain.stages import SimMIMStage
+    from pretrain.stages import build_stage
     from scripts.plan_memory import compose_config
     cfg = compose_config([f"model={model}", f"stage.micro_batch={MICRO_BATCH}", "model.drop_path_rate=0",
                           f"stage.global_batch={MICRO_BATCH * ctx.world_size}", *ENGINES[name]])
-    stage = SimMIMStage(Start(cfg), ctx)
+    stage = build_stage(Start(cfg), ctx)
     torch.manual_seed(0)
     optimizer = optimizer_for(cfg.stage.optim)
-    engine = DDPEngine(cfg, stage, optimizer) if name == "ddp" else build_engine(cfg, ctx, stage, 1, optimizer)
+    engine = DDPEngine(cfg, stage.model, optimizer) if name == "ddp" else build_engine(cfg, ctx, stage.model, 1,
+                                                                                        optimizer)
     return stage, engine, cfg
 
 
@@ -95,7 +98,7 @@ def worker(out: str, models: list[str], steps: int) -> None:
             for name, (stage, engine, _) in runs.items():
                 dist.barrier()
                 t0 = time.perf_counter()
-                loss, _ = stage.loss(engine, batch)
+                loss, _ = stage.objective.loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
                 elapsed = torch.tensor(time.perf_counter() - t0)

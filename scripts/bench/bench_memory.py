@@ -17,8 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from scripts.bench import format_table
-from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of, measure_activations,
-                                 saved_activation_bytes, stage_model)
+from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, measure_activations,
+                                 saved_activation_bytes, stage_model, training_loss)
 
 SEQ = "model.sequential_attn=[true,true,false,false]"
 TINY_768 = ["model=swinv2_tiny", "model.img_size=768", "model.window_size=24", "stage.mask_patch_size=32"]
@@ -33,7 +33,7 @@ def measured_bytes(cfg, batch: int) -> int:
     image, *mask = example_inputs(cfg, batch)
     inputs = [torch.randn(image.shape)] + [(torch.rand(m.shape) > 0.4).float() for m in mask]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = loss_of(model(*inputs))  # held: its graph keeps the saved tensors alive until we count
+        loss = training_loss(cfg, model, inputs)  # held: its graph keeps the saved tensors alive until we count
     assert loss.requires_grad
     return sum(e.self_cpu_memory_usage for e in prof.events()) + sum(t.numel() * t.element_size() for t in inputs)
 
@@ -48,7 +48,8 @@ def _pair(name: str, labels: tuple[str, str], base: list[str], variant: list[str
     for label, overrides in zip(labels, (base, base + variant)):
         cfg = _cfg(overrides)
         measured[label] = measured_bytes(cfg, batch)
-        planned = saved_activation_bytes(build_meta_model(cfg), example_inputs(cfg, batch), "math").saved_bytes
+        planned = saved_activation_bytes(cfg, build_meta_model(cfg), example_inputs(cfg, batch),
+                                         "math").saved_bytes
         rows.append(dict(name=f"planner vs measured activations, {label} (MB)", ours=planned / 1e6,
                          baseline=measured[label] / 1e6, ratio=planned / measured[label],
                          how=f"meta-device saved tensors vs profiler bytes after a real CPU forward, fp32, "

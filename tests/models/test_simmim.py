@@ -1,39 +1,23 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
-from models.simmim import SimMIM, encoder_state_dict, norm_targets
+from models.simmim import SimMIM, encoder_state_dict
 from models.swinv2 import SwinTransformerV2, load_pretrained
 from swinv2_cases import MICRO
 
-
-def _official_norm_targets(x, patch):
-    """The SimMIM reference: 2-D average pools."""
-    pool = dict(kernel_size=patch, stride=1, padding=patch // 2)
-    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
-    mean_sq = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)
-    count = F.avg_pool2d(torch.ones_like(x), count_include_pad=True, **pool) * patch ** 2
-    var = torch.clamp((mean_sq - mean ** 2) * (count / (count - 1)), min=0.0)
-    return (x - mean) / (var + 1e-6) ** 0.5
+# The loss (masked L1 over normalised targets) is the trainer's: tests/pretrain/test_objectives.py.
 
 
-def test_norm_targets_matches_reference():
-    x = torch.randn(2, 3, 40, 36) * 2 + 1
-    torch.testing.assert_close(norm_targets(x, 11), _official_norm_targets(x, 11), atol=1e-4, rtol=1e-4)
-
-
-def test_loss_is_l1_over_masked_pixels_and_channels():
+def test_forward_is_a_float32_reconstruction_that_trains_the_mask_token():
     torch.manual_seed(0)
-    model = SimMIM(norm_target=False, **MICRO)
+    model = SimMIM(**MICRO)
     image = torch.randn(2, 3, 64, 64)
     mask = torch.zeros(2, 16, 16)
     mask[:, :8] = 1
-    out = model(image, mask)
-    assert out["reconstruction"].shape == (2, 3, 64, 64)
-    pixel_mask = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).expand(-1, 3, -1, -1).bool()
-    expected = (out["reconstruction"] - image).abs()[pixel_mask].mean()
-    torch.testing.assert_close(out["loss"], expected, rtol=1e-4, atol=1e-6)
-    out["loss"].backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reconstruction = model(image, mask)
+    assert reconstruction.shape == (2, 3, 64, 64) and reconstruction.dtype == torch.float32
+    reconstruction.abs().mean().backward()
     assert model.encoder.mask_token.grad.abs().sum() > 0
 
 

@@ -3,8 +3,7 @@
 import numpy as np
 import torch
 
-from models.simmim import norm_targets
-from pretrain.loggers import simmim_panel
+from pretrain.objectives import norm_targets, simmim_panel
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 64

@@ -37,7 +37,7 @@ class InfGrad(torch.autograd.Function):
 
 
 class Classify:
-    """The part of a stage train_step uses."""
+    """An objective (pretrain.objectives.Objective): the part of a stage train_step uses."""
 
     def loss(self, engine, batch):
         logits = engine.forward(batch["image"]).float()

@@ -113,11 +113,11 @@ def test_simmim_zero2_checkpoint_keeps_encoder_and_decoder_names(simmim_zero2_ru
     convert(simmim_zero2_run / "checkpoints", tmp_path / "simmim.pt")
     state_dict = torch.load(tmp_path / "simmim.pt", weights_only=True)["model"]
     assert {k.split(".")[0] for k in state_dict} == {"encoder", "decoder"}
-    model = SimMIM(encoder_stride=8, norm_target=False, **TINY).eval()
+    model = SimMIM(encoder_stride=8, **TINY).eval()
     model.load_state_dict(state_dict, strict=True)
     ref = torch.load(simmim_zero2_run / "outputs.pt", weights_only=True)
     with torch.no_grad():
-        reconstruction = model(ref["images"], ref["mask"])["reconstruction"]
+        reconstruction = model(ref["images"], ref["mask"])
     torch.testing.assert_close(reconstruction, ref["outputs"], rtol=1e-5, atol=1e-6)
 
 
@@ -131,7 +131,7 @@ def test_encoder_only_gives_the_bare_swinv2_of_a_simmim_run(simmim_zero2_run, tm
 
     bare = SwinTransformerV2(num_classes=0, **TINY).eval()
     load_pretrained(bare, {"model": encoder})
-    simmim = SimMIM(encoder_stride=8, norm_target=False, **TINY).eval()
+    simmim = SimMIM(encoder_stride=8, **TINY).eval()
     simmim.load_state_dict(full, strict=True)
     images = torch.load(simmim_zero2_run / "outputs.pt", weights_only=True)["images"]
     with torch.no_grad():  # with nothing masked the SimMIM encoder is the bare SwinV2
@@ -215,7 +215,7 @@ def test_simmim_run_encoder_exports_to_each_layout(simmim_zero2_run, to, tmp_pat
     convert(simmim_zero2_run, out, "--to", to, "--img-size", 32, "--window-size", 4,
             *(["--encoder-only"] if to == "official" else []))
     convert(simmim_zero2_run, tmp_path / "full.pt")
-    simmim = SimMIM(encoder_stride=8, norm_target=False, **TINY).eval()
+    simmim = SimMIM(encoder_stride=8, **TINY).eval()
     simmim.load_state_dict(torch.load(tmp_path / "full.pt", weights_only=True)["model"], strict=True)
     images = torch.load(simmim_zero2_run / "outputs.pt", weights_only=True)["images"]
     with torch.no_grad():  # with nothing masked the SimMIM encoder is the bare SwinV2

@@ -5,7 +5,7 @@ import torch
 from pretrain import config
 from pretrain.preflight import resolve_start
 from pretrain.schedule import scale_lr
-from pretrain.stages import FinetuneStage
+from pretrain.stages import Stage, build_stage
 from tests.pretrain.test_config import compose_cfg
 from tests.pretrain.test_transfer import CTX, fake_run
 
@@ -26,9 +26,9 @@ def block_windows(model) -> list[tuple[int, int, int]]:
     return out
 
 
-def meta_model(stage: FinetuneStage):
+def meta_model(stage: Stage):
     with torch.device("meta"):
-        return stage.build_model()
+        return stage.model.build_model()
 
 
 def test_giant_in1k_recipe_is_the_papers():
@@ -53,7 +53,7 @@ def test_giant_finetune_takes_its_windows_from_the_supervised_run(tmp_path):
     fake_run(tmp_path, "+experiment=swinv2_giant_in22k_ext")  # 192px, window 12
     cfg = compose(GIANT, "finetune", 64, f"run_root={tmp_path}")
     start = resolve_start(cfg)
-    stage = FinetuneStage(start, CTX)
+    stage = build_stage(start, CTX)
     assert start.cfg.model.pretrained_window_sizes == [12, 12, 12, 6]  # the official configs' value for 192/w12
     model = meta_model(stage)
     # 640px: maps 160, 80, 40, 20; stage 3's map is one window (no shift), stage 4 is clamped to its map
@@ -77,4 +77,4 @@ def test_base_large_22k_to_1k_recipe_is_the_official_one(overrides, windows, tmp
     assert (o.weight_decay, o.warmup_lr, o.min_lr, o.layer_decay) == (1e-8, 2e-8, 2e-7, 1.0)
     assert (st.mixup, st.cutmix, st.label_smoothing, st.reprob) == (0.8, 1.0, 0.1, 0.25)
     assert st.eval_crop_pct == (1.0 if overrides else 0.875)
-    assert block_windows(meta_model(FinetuneStage(resolve_start(cfg), CTX))) == windows
+    assert block_windows(meta_model(build_stage(resolve_start(cfg), CTX))) == windows

@@ -106,7 +106,7 @@ def test_fsdp_checkpoint_is_sharded_dcp_and_exports_to_the_official_layout(fp32_
     convert_checkpoint.main([str(fp32_runs["fsdp"]), str(out)])  # a run dir: its latest tag
     state_dict = torch.load(out, weights_only=True)["model"]
     torch.manual_seed(0)  # the run's seed: these are the weights it started from
-    model = SimMIM(encoder_stride=32, norm_target_patch=7, img_size=32, window_size=4, embed_dim=24,
+    model = SimMIM(encoder_stride=32, img_size=32, window_size=4, embed_dim=24,
                    depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8])
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(state_dict, strict=True)  # official names, e.g. encoder.layers.0.blocks.0.attn.qkv.weight

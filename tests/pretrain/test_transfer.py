@@ -6,12 +6,12 @@ import torch
 from safetensors.torch import save_file
 
 from models.swinv2 import WindowAttention, relative_coords_table
-from pretrain import rundir, transfer
+from pretrain import rundir, start_weights
 from pretrain.config import ConfigError, EvalStageConfig, FinetuneStageConfig, finalize
 from pretrain.dist import DistContext
 from pretrain.ema import merge_shards
 from pretrain.preflight import resolve_start
-from pretrain.stages import FinetuneStage
+from pretrain.stages import build_stage
 from tests.pretrain.test_config import compose_cfg
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -61,9 +61,9 @@ def model_config(*overrides: str):
 
 def test_trained_windows_are_clamped_to_the_feature_maps_like_the_official_configs():
     # PRETRAINED_WINDOW_SIZES [12, 12, 12, 6] of the official 12to16 / 12to24 fine-tuning configs
-    assert transfer.trained_windows(model_config("model.img_size=192", "model.window_size=12")) == [12, 12, 12, 6]
+    assert start_weights.trained_windows(model_config("model.img_size=192", "model.window_size=12")) == [12, 12, 12, 6]
     # a fine-tune of a fine-tune keeps the first scale
-    assert transfer.trained_windows(model_config("model.img_size=256", "model.window_size=16",
+    assert start_weights.trained_windows(model_config("model.img_size=256", "model.window_size=16",
                                                  "model.pretrained_window_sizes=[12,12,12,6]")) == [12, 12, 12, 6]
 
 
@@ -71,11 +71,11 @@ def test_finetune_takes_the_source_runs_windows_and_rebuilds_the_position_tables
     fake_run(tmp_path, *SMALL)
     cfg = config("finetune", tmp_path)
     start = resolve_start(cfg)
-    stage = FinetuneStage(start, CTX)
-    assert str(stage.source) == str(tmp_path / "demo" / "supervised" / "checkpoints" / "step_00000002")
+    stage = build_stage(start, CTX)
+    assert str(stage.model.source) == str(tmp_path / "demo" / "supervised" / "checkpoints" / "step_00000002")
     assert start.cfg.model.pretrained_window_sizes == [4, 4, 4, 2]  # 64px/w4: 16, 8, 4, 2 maps, the last clamped
     assert cfg.model.pretrained_window_sizes == [0, 0, 0, 0]  # the composed config is never edited
-    model = stage.build_model()
+    model = stage.model.build_model()
     attns = [m for m in model.modules() if isinstance(m, WindowAttention)]
     windows = sorted({(a.window_size, a.pretrained_window_size) for a in attns})
     assert windows == [(3, 2), (6, 4)]  # 96px/w6: maps 24, 12, 6, 3; the last stage clamps to 3
@@ -116,12 +116,12 @@ def test_a_missing_source_is_named(tmp_path):
 def test_a_safetensors_weights_file_is_read_without_torch_load(tmp_path):
     weights = {"patch_embed.proj.weight": torch.randn(8, 3, 4, 4)}
     save_file(weights, tmp_path / "weights.safetensors")
-    read = transfer.read_weights(transfer.resolve_source(str(tmp_path / "weights.safetensors"), ""))
+    read = start_weights.read_weights(start_weights.resolve_source(str(tmp_path / "weights.safetensors"), ""))
     assert read.keys() == weights.keys()
     assert torch.equal(read["patch_embed.proj.weight"], weights["patch_embed.proj.weight"])
     (tmp_path / "bad.safetensors").write_bytes(b"hello")
     with pytest.raises(ValueError, match="stage.init_from=.*bad.safetensors: not a safetensors file"):
-        transfer.read_weights(transfer.resolve_source(str(tmp_path / "bad.safetensors"), ""))
+        start_weights.read_weights(start_weights.resolve_source(str(tmp_path / "bad.safetensors"), ""))
 
 
 @pytest.mark.parametrize("content", [b"", b"hello", b"PK\x03\x04 truncated zip"])
@@ -129,15 +129,15 @@ def test_a_weights_file_that_is_not_a_torch_checkpoint_is_named(content, tmp_pat
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=f"stage.init_from={path}: not a"):
-        transfer.read_weights(transfer.resolve_source(str(path), ""))
+        start_weights.read_weights(start_weights.resolve_source(str(path), ""))
 
 
 def test_class_map_selects_head_rows(tmp_path):
     path = tmp_path / "map.txt"
     path.write_text("7\n2\n9\n")
-    rows = transfer.read_class_map(str(path), num_classes=3)
+    rows = start_weights.read_class_map(str(path), num_classes=3)
     state = {"head.weight": torch.arange(20.0).view(10, 2), "head.bias": torch.arange(10.0), "norm.bias": torch.ones(2)}
-    out = transfer.select_head_rows(state, rows, str(path))
+    out = start_weights.select_head_rows(state, rows, str(path))
     assert torch.equal(out["head.weight"], state["head.weight"][[7, 2, 9]])
     assert torch.equal(out["head.bias"], torch.tensor([7.0, 2.0, 9.0]))
     assert out["norm.bias"] is state["norm.bias"]
@@ -151,14 +151,14 @@ def test_a_bad_class_map_file_is_named(tmp_path, text, num_classes, match):
     path = tmp_path / "map.txt"
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"stage.class_map=.*{match}"):
-        transfer.read_class_map(str(path), num_classes)
+        start_weights.read_class_map(str(path), num_classes)
 
 
 def test_class_map_rows_must_exist_in_the_source_head(tmp_path):
     with pytest.raises(ConfigError, match="line 2 names row 10, but the source head has 10 classes"):
-        transfer.select_head_rows({"head.weight": torch.zeros(10, 2)}, [3, 10], "map.txt")
+        start_weights.select_head_rows({"head.weight": torch.zeros(10, 2)}, [3, 10], "map.txt")
     with pytest.raises(ConfigError, match="no classification head"):
-        transfer.select_head_rows({"encoder.norm.weight": torch.zeros(2)}, [0], "map.txt")
+        start_weights.select_head_rows({"encoder.norm.weight": torch.zeros(2)}, [0], "map.txt")
 
 
 def test_the_finetune_stage_checks_the_class_map_length(tmp_path):
@@ -166,7 +166,7 @@ def test_the_finetune_stage_checks_the_class_map_length(tmp_path):
     path = tmp_path / "map.txt"
     path.write_text("\n".join(map(str, range(9))))
     with pytest.raises(ConfigError, match="9 lines, but data.num_classes is 10"):
-        FinetuneStage(resolve_start(config("finetune", tmp_path, f"stage.class_map={path}")), CTX)
+        build_stage(resolve_start(config("finetune", tmp_path, f"stage.class_map={path}")), CTX)
 
 
 @pytest.mark.parametrize("layout", ["zero3", "fsdp2", "replicated"])
@@ -191,9 +191,9 @@ def test_merge_shards_joins_every_engines_layout(layout):
 
 
 def test_the_official_22k_to_1k_map_ships_with_the_package():
-    rows = transfer.read_class_map("imagenet22k_to_1k", num_classes=1000)
+    rows = start_weights.read_class_map("imagenet22k_to_1k", num_classes=1000)
     # first and last lines of the official data/map22kto1k.txt; 1000 distinct rows of the 21841-class head
     assert rows[:3] == [359, 368, 460] and rows[-1] == 21817
     assert len(set(rows)) == 1000 and max(rows) < 21841
     with pytest.raises(ConfigError, match="no such file .*imagenet22k_to_1k"):
-        transfer.read_class_map("imagenet22k_to_1kk", num_classes=1000)
+        start_weights.read_class_map("imagenet22k_to_1kk", num_classes=1000)

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 
 from pretrain import dist
+from pretrain.objectives import masked_l1
 from pretrain.optim import build_param_groups
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=4,
@@ -24,7 +25,7 @@ def build(kind: str) -> torch.nn.Module:
         from models.swinv2 import SwinTransformerV2
         return SwinTransformerV2(num_classes=5, **TINY)
     from models.simmim import SimMIM
-    return SimMIM(encoder_stride=8, norm_target=False, **TINY)
+    return SimMIM(encoder_stride=8, **TINY)
 
 
 def run(model: torch.nn.Module, kind: str, images: torch.Tensor, mask: torch.Tensor):
@@ -37,8 +38,8 @@ def _run(model: torch.nn.Module, kind: str, images: torch.Tensor, mask: torch.Te
     if kind == "swinv2":
         logits = model(images)
         return logits.pow(2).mean(), logits
-    out = model(images, mask)
-    return out["loss"], out["reconstruction"]
+    reconstruction = model(images, mask)
+    return masked_l1(reconstruction, images, mask, norm_target_patch=None), reconstruction
 
 
 def family_of_each_parameter(model: torch.nn.Module, groups: list[dict]) -> dict[str, str]:

@@ -112,7 +112,7 @@ def build_case(name: str, build, dtype: torch.dtype) -> dict:
 def load_case() -> dict:
     """A supervised model started from a SimMIM encoder: the encoder's weights, its own initial head."""
     torch.manual_seed(1)
-    simmim = SimMIM(encoder_stride=16, norm_target=False, **TINY).state_dict()
+    simmim = SimMIM(encoder_stride=16, **TINY).state_dict()
     calls = []
 
     def load(model: nn.Module) -> None:
@@ -135,7 +135,7 @@ def main(out_dir: Path) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.get_rank())
     results = [
-        build_case("simmim_fp32", lambda: SimMIM(encoder_stride=16, norm_target=False, **TINY), torch.float32),
+        build_case("simmim_fp32", lambda: SimMIM(encoder_stride=16, **TINY), torch.float32),
         build_case("swinv2_fp32", lambda: SwinTransformerV2(num_classes=3, **TINY), torch.float32),
         build_case("swinv2_bf16", lambda: SwinTransformerV2(num_classes=3, **TINY), torch.bfloat16),
         load_case(),

@@ -26,7 +26,7 @@ FAULTS = {int(batch): kind for batch, kind in json.loads(os.environ["FAULTS"]).i
 def faulty_stage(start, ctx):
     stage = build_stage(start, ctx)
     accum = grad_accum_steps(start.cfg, ctx.world_size)
-    make_loader, clean_loss, loaders = stage.train_loader, stage.loss, []
+    make_loader, clean_loss, loaders = stage.data.train_loader, stage.objective.loss, []
 
     def train_loader():
         loaders.append(make_loader())
@@ -44,7 +44,7 @@ def faulty_stage(start, ctx):
             value = value * 100
         return value, extras
 
-    stage.train_loader, stage.loss = train_loader, loss
+    stage.data.train_loader, stage.objective.loss = train_loader, loss
     return stage
 
 

@@ -17,7 +17,7 @@ from pretrain import dist  # noqa: E402
 from pretrain.engine.deepspeed import DeepSpeedEngine  # noqa: E402
 from pretrain.optim import optimizer_for  # noqa: E402
 from pretrain.preflight import Start  # noqa: E402
-from pretrain.stages import SimMIMStage  # noqa: E402
+from pretrain.stages import build_stage  # noqa: E402
 from scripts.plan_memory import compose_config  # noqa: E402
 
 
@@ -30,10 +30,11 @@ def held_by_rank(model_name: str, ctx) -> dict:
                           "stage.micro_batch=1", "stage.global_batch=2", "model.img_size=64",
                           "model.window_size=4", "stage.mask_patch_size=16"])
     torch.manual_seed(0)
-    engine = DeepSpeedEngine(cfg, ctx, SimMIMStage(Start(cfg), ctx), 1, optimizer_for(cfg.stage.optim))
+    stage = build_stage(Start(cfg), ctx)
+    engine = DeepSpeedEngine(cfg, ctx, stage.model, 1, optimizer_for(cfg.stage.optim))
     image = torch.randn(1, 3, 64, 64)
     mask = (torch.rand(1, 16, 16) > 0.5).float()
-    engine.backward(engine.forward(image, mask)["loss"])
+    engine.backward(stage.objective.loss(engine, {"image": image, "mask": mask})[0])
     engine.step()
     params = list(engine.module.parameters())
     opt = engine.ds.optimizer

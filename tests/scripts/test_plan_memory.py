@@ -20,8 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
-from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of, stage_model,  # noqa: E402
-                                 main, saved_activation_bytes, state_plan)
+from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, main,  # noqa: E402
+                                 saved_activation_bytes, stage_model, state_plan, training_loss)
 from tests.torchrun import torchrun_side_by_side  # noqa: E402
 MODELS = ("swinv2_nano", "swinv2_tiny")
 # Small images keep the job quick; parameter and optimizer bytes do not depend on the image size.
@@ -67,7 +67,7 @@ def real_forward_bytes(cfg, batch: int) -> int:
     image, *mask = example_inputs(cfg, batch)  # meta tensors: shapes and dtypes only
     inputs = [torch.randn(image.shape, dtype=image.dtype)] + [(torch.rand(m.shape) > 0.4).float() for m in mask]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = loss_of(model(*inputs))
+        out = training_loss(cfg, model, inputs)
     assert out.requires_grad
     allocated = sum(e.self_cpu_memory_usage for e in prof.events())
     return allocated + sum(t.numel() * t.element_size() for t in inputs)
@@ -85,7 +85,8 @@ def real_forward_bytes(cfg, batch: int) -> int:
 def test_meta_activations_match_a_real_forward(overrides, batch):
     cfg = compose_config(overrides)
     # CPU torch runs the math attention path (the CPB bias needs a gradient), so predict for that kernel.
-    predicted = saved_activation_bytes(build_meta_model(cfg), example_inputs(cfg, batch), "math").saved_bytes
+    predicted = saved_activation_bytes(cfg, build_meta_model(cfg), example_inputs(cfg, batch),
+                                       "math").saved_bytes
     measured = real_forward_bytes(cfg, batch)
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
 
@@ -96,7 +97,7 @@ def test_checkpointing_and_sequential_attention_lower_the_plan():
     for name, extra in {"plain": [], "ckpt": ["model.grad_checkpointing=torch"],
                         "seq": ["model.sequential_attn=[true,true,false,false]"]}.items():
         cfg = compose_config(base + extra)
-        peaks[name] = saved_activation_bytes(build_meta_model(cfg), example_inputs(cfg, 1)).peak_bytes
+        peaks[name] = saved_activation_bytes(cfg, build_meta_model(cfg), example_inputs(cfg, 1)).peak_bytes
     assert peaks["ckpt"] < 0.5 * peaks["plain"]
     assert peaks["seq"] < peaks["plain"]
 
@@ -108,7 +109,7 @@ def test_flex_attention_is_planned_without_the_bias():
     for impl in ("sdpa", "flex"):
         cfg = compose_config(["model=swinv2_nano", f"model.attn_impl={impl}"])
         model = build_meta_model(cfg)
-        saved[impl] = [saved_activation_bytes(model, example_inputs(cfg, b)).saved_bytes for b in (1, 2)]
+        saved[impl] = [saved_activation_bytes(cfg, model, example_inputs(cfg, b)).saved_bytes for b in (1, 2)]
     assert all(0.5 * s < f < s for f, s in zip(saved["flex"], saved["sdpa"])), saved
 
 

@@ -17,6 +17,7 @@ from models import SimMIM
 from pretrain import dist
 from pretrain.config import CONF_DIR, Config, DataConfig, FSDPConfig, ModelConfig, SimMIMStageConfig
 from pretrain.engine.fsdp import FSDPEngine
+from pretrain.objectives import MaskedReconstruction
 from pretrain.optim import optimizer_for
 
 BATCH = 32
@@ -45,8 +46,13 @@ def batch(seed: int):
     return torch.randn(BATCH, 3, 192, 192, generator=gen), (torch.rand(BATCH, 48, 48, generator=gen) > 0.4).long()
 
 
+# the SimMIM stage's default target (normalised over stage.norm_target_patch); no pictures are drawn
+OBJECTIVE = MaskedReconstruction(SimMIMStageConfig().norm_target_patch, mean=None, std=None)
+
+
 def train_step(engine, seed: int) -> float:
-    loss = engine.forward(*batch(seed))["loss"]
+    image, mask = batch(seed)
+    loss, _ = OBJECTIVE.loss(engine, {"image": image, "mask": mask})
     engine.backward(loss)
     engine.step()
     return loss.item()

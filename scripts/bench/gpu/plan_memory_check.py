@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from models import simmim_forward_flops  # noqa: E402
 from pretrain.activation_checkpointing import apply_grad_checkpointing  # noqa: E402
 from pretrain.metrics import peak_flops_per_s  # noqa: E402
-from scripts.plan_memory import (build_meta_model, compose_config, example_inputs, loss_of, stage_model,  # noqa: E402
-                                 saved_activation_bytes)
+from scripts.plan_memory import (build_meta_model, compose_config, example_inputs,  # noqa: E402
+                                 saved_activation_bytes, stage_model, training_loss)
 
 CASES = [
     (["model=swinv2_tiny"], 8),
@@ -55,16 +55,16 @@ def cuda_inputs(cfg, batch):
 
 def check(overrides, batch):
     cfg = compose_config(overrides + ["model.drop_path_rate=0"])
-    meter = saved_activation_bytes(build_meta_model(cfg), example_inputs(cfg, batch), "efficient")
+    meter = saved_activation_bytes(cfg, build_meta_model(cfg), example_inputs(cfg, batch), "efficient")
     model = cuda_model(cfg)
     inputs = cuda_inputs(cfg, batch)
     in_bytes = sum(t.numel() * t.element_size() for t in inputs)
-    loss_of(model(*inputs)).backward()  # warm-up: kernels, workspaces
+    training_loss(cfg, model, inputs).backward()  # warm-up: kernels, workspaces
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss = loss_of(model(*inputs))
+    loss = training_loss(cfg, model, inputs)
     torch.cuda.synchronize()
     after = torch.cuda.memory_allocated()
     loss.backward()
@@ -84,7 +84,7 @@ def giant_mfu(batch=32, steps=3):
     for i in range(steps + 1):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss_of(model(*inputs)).backward()
+        training_loss(cfg, model, inputs).backward()
         torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
