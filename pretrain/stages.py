@@ -44,7 +44,7 @@ class Stage:
 
     def model_kwargs(self) -> dict[str, Any]:
         kwargs = dataclasses.asdict(self.cfg.model)
-        for key in ("name", "grad_checkpointing"):
+        for key in ("name", "grad_checkpointing", "compile"):  # the last two are applied by the engines
             kwargs.pop(key)
         return kwargs
 
