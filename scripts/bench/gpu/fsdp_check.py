@@ -24,7 +24,7 @@ BATCH = 32
 
 class Recipe:
     def __init__(self, model_cfg: ModelConfig):
-        self.kwargs = {k: v for k, v in vars(model_cfg).items() if k not in ("name", "grad_checkpointing")}
+        self.kwargs = {k: v for k, v in vars(model_cfg).items() if k not in ("name", "grad_checkpointing", "compile")}
 
     def build_model(self):
         return SimMIM(encoder_stride=32, **self.kwargs)

@@ -16,6 +16,15 @@ from scripts.bench.bench_model import bench_step
 for dtype in (None, torch.bfloat16):
     print(bench_step(batch=128, repeats=10, dtype=dtype, device='cuda'))
 "
+echo "== SwinV2-T train step, ours compiled blocks vs timm eager and timm + torch.compile, 192/w12, batch 128"
+timeout 420 python3 -c "
+import torch
+from scripts.bench.bench_model import bench_compiled
+for dtype in (None, torch.bfloat16):
+    print(bench_compiled(batch=128, repeats=10, dtype=dtype, device='cuda'))
+"
+echo "== compile: sync debug mode inside steps (FSDP2, ZeRO-3), SwinV2-G ZeRO-3 bf16 compiled + AdamW MFU"
+timeout 540 python3 scripts/bench/gpu/compile_check.py 16
 echo "== engine=fsdp on one GPU (NCCL, bf16)"
 timeout 150 python3 scripts/bench/gpu/fsdp_check.py
 echo "== GEMM peak, analytic FLOPs vs FlopCounterMode, SwinV2-T MFU"
