@@ -103,7 +103,7 @@ def main() -> None:
                 traceback.print_exc()
             torch.cuda.empty_cache()
     try:
-        giant_mfu(ctx, int(sys.argv[1]) if len(sys.argv) > 1 else 16)
+        giant_mfu(ctx, int(sys.argv[1]) if len(sys.argv) > 1 else 64)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     dist.shutdown()

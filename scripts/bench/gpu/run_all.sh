@@ -24,7 +24,7 @@ for dtype in (None, torch.bfloat16):
     print(bench_compiled(batch=128, repeats=10, dtype=dtype, device='cuda'))
 "
 echo "== compile: sync debug mode inside steps (FSDP2, ZeRO-3), SwinV2-G ZeRO-3 bf16 compiled + AdamW MFU"
-timeout 540 python3 scripts/bench/gpu/compile_check.py 16
+timeout 540 python3 scripts/bench/gpu/compile_check.py 64  # 53 GB planned (scripts/plan_memory.py --world-size 1)
 echo "== engine=fsdp on one GPU (NCCL, bf16)"
 timeout 150 python3 scripts/bench/gpu/fsdp_check.py
 echo "== GEMM peak, analytic FLOPs vs FlopCounterMode, SwinV2-T MFU"
