@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from models.swinv2 import ATTN_IMPLS, CPB_COORDS, block_window, feature_map_sides, total_stride
 from pretrain.activation_checkpointing import MODES as GRAD_CHECKPOINTING_MODES
+from pretrain.compile import MODES as COMPILE_MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -45,6 +46,7 @@ class ModelConfig:
     attn_impl: str = "sdpa"
     cpb_coords: str = "log"  # log | linear (the paper's Table 1 ablation)
     grad_checkpointing: str = "none"  # none | torch | torch_reentrant | fairscale | fairscale_offload
+    compile: str = "off"  # off | blocks (torch.compile each block) | full (the whole forward); pretrain.compile
 
 
 @dataclass
@@ -300,6 +302,10 @@ def validate(cfg: Config, world_size: int) -> None:
         _check(0 <= st.ema_decay < 1, "stage.ema_decay", f"must be in [0, 1), got {st.ema_decay}")
     _one_of(m.grad_checkpointing, set(GRAD_CHECKPOINTING_MODES), "model.grad_checkpointing")
     _one_of(m.attn_impl, set(ATTN_IMPLS), "model.attn_impl")
+    _one_of(m.compile, set(COMPILE_MODES), "model.compile")
+    if isinstance(cfg.engine, DeepSpeedConfig) and cfg.engine.zero_stage == 3:
+        _check(m.compile != "full", "model.compile", "full would trace ZeRO-3's parameter gathers (module hooks "
+               "inside the compiled forward); use blocks, which keeps them outside")
     _one_of(m.cpb_coords, set(CPB_COORDS), "model.cpb_coords")
     _check(m.img_size % total_stride(m.patch_size, len(m.depths)) == 0, "model.img_size",
            "must be divisible by patch_size x 2^(stages-1)")

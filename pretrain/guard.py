@@ -40,8 +40,9 @@ class StepGuard:
         self.recent_losses: deque[float] = deque(maxlen=cfg.spike_window)  # of good steps
         self.halted = ""
 
-    def check(self, step: int, loss: torch.Tensor, *, finite_loss: bool, updated: bool) -> Verdict:
-        """`loss`: this rank's mean loss of the step; `finite_loss`/`updated`: the agreed flags of train_step."""
+    def check(self, step: int, loss: torch.Tensor, *, finite_loss: torch.Tensor | bool, updated: bool) -> Verdict:
+        """`loss`: this rank's mean loss of the step; `finite_loss`/`updated`: the agreed flags of train_step
+        (`finite_loss` may stay on the device: it is read only for a skipped step's warning)."""
         if not updated:
             return self._skipped(step, finite_loss)
         self.consecutive_skips = 0
@@ -55,10 +56,10 @@ class StepGuard:
         window.append(mean_loss)
         return Verdict.GO_ON
 
-    def _skipped(self, step: int, finite_loss: bool) -> Verdict:
+    def _skipped(self, step: int, finite_loss: torch.Tensor | bool) -> Verdict:
         self.skips += 1
         self.consecutive_skips += 1
-        what = "gradients (the loss was finite)" if finite_loss else "loss"
+        what = "gradients (the loss was finite)" if bool(finite_loss) else "loss"
         log.warning("step %d: non-finite %s on some rank; the update was skipped on every rank (%d in a row)",
                     step, what, self.consecutive_skips)
         if self.consecutive_skips < self.cfg.max_consecutive_skips:

@@ -22,10 +22,10 @@ from pretrain.start_weights import Source
 log = logging.getLogger(__name__)
 
 
-def model_kwargs(m: ModelConfig) -> dict[str, Any]:
-    """The model config as SwinTransformerV2's keyword arguments."""
-    kwargs = dataclasses.asdict(m)
-    for key in ("name", "grad_checkpointing"):
+def model_kwargs(m: ModelConfig | dict[str, Any]) -> dict[str, Any]:
+    """The model config (or a conf/model yaml as a dict) as SwinTransformerV2's keyword arguments."""
+    kwargs = dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(m)
+    for key in ("name", "grad_checkpointing", "compile"):  # the last two are applied by the engines
         kwargs.pop(key)
     return kwargs
 

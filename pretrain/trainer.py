@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from pretrain import dist, rundir
 from pretrain.checkpoint import BatchLayout, Checkpointer
+from pretrain.compile import CompileWatch
 from pretrain.config import Config, grad_accum_steps, total_steps
 from pretrain.ema import WeightEMA
 from pretrain.engine import Engine, build_engine
@@ -47,12 +48,13 @@ class StepResult(NamedTuple):
     loss: torch.Tensor  # this rank's mean over the micro batches, on the device
     extras: dict[str, torch.Tensor]
     data_wait_s: float
-    finite_loss: bool  # every rank's loss was finite (agreed over ranks)
+    finite_loss: torch.Tensor  # 1 while every rank's loss was finite (agreed over ranks), on the device
     updated: bool  # the weights changed: False when some rank's loss or the global gradient norm was not finite
 
 
 def train_step(objective: Objective, engine: Engine, loader, accum: int) -> StepResult:
-    """One optimizer step over `accum` micro batches."""
+    """One optimizer step over `accum` micro batches. It reads one value on the host, whether the weights
+    were updated (the guard acts on it at once); everything else stays on the device for the log steps."""
     # sums stay on the device: reading them every micro batch would stall a GPU
     loss_sum, extras_sum, data_wait_s = torch.zeros((), device=engine.device), {}, 0.0
     finite = torch.ones((), device=engine.device)
@@ -69,8 +71,8 @@ def train_step(objective: Objective, engine: Engine, loader, accum: int) -> Step
         loss_sum += loss.detach().float()
         for k, v in extras.items():
             extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float()
-    return StepResult(loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s, bool(finite),
-                      not engine.skipped())
+    return StepResult(loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s, finite,
+                      not bool(engine.skipped()))
 
 
 def train(start: Start) -> None:
@@ -116,12 +118,15 @@ def train(start: Start) -> None:
              cfg.stage.name, total, cfg.stage.global_batch, cfg.stage.micro_batch, accum, ctx.world_size, run)
     progress = Progress(total, rank=ctx.rank, start_step=step, desc=cfg.stage.name)
     schedule = lr_schedule(cfg, total)
+    compiled = CompileWatch()
 
     while step < total:
         t = time.perf_counter()
         set_lr(engine.param_groups, schedule(step))
         result = train_step(stage.objective, engine, loader, accum)
         step += 1  # a skipped step still counts: the lr schedule moves on, as in large-scale practice
+        if compiled.first_step_frames is None:
+            compiled.first_step_done()
         verdict = guard.check(step, result.loss, finite_loss=result.finite_loss, updated=result.updated)
         if verdict is Verdict.ROLL_BACK:
             if (tag := checkpointer.latest_tag()) is not None:
@@ -139,7 +144,7 @@ def train(start: Start) -> None:
             ema.update()
         shown = {}  # the progress line keeps the last logged values between log steps
         if step % cfg.logger.every == 0 or step == total or verdict is Verdict.HALT:
-            metrics = {**meter.summary(loader.stats()), **guard.metrics()}  # collective: every rank
+            metrics = {**meter.summary(loader.stats()), **guard.metrics(), **compiled.metrics()}  # collective
             logger.log(step, metrics)
             shown = {"loss": metrics["train/loss"], "img_per_s": metrics["perf/img_per_s"]}
         progress.update(step, **shown)

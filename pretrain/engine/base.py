@@ -73,12 +73,14 @@ class Engine(ABC):
         """Count a micro step; at the accumulation boundary clip, update, zero grads and return True."""
 
     @abstractmethod
-    def skipped(self) -> bool:
-        """Whether the last optimizer step was dropped (a non-finite loss or gradient norm on some rank)."""
+    def skipped(self) -> bool | torch.Tensor:
+        """Whether the last optimizer step was dropped (a non-finite loss or gradient norm on some rank): a bool
+        where the engine already read it on the host, else a 0-dim bool tensor on `device` (`bool()` waits)."""
 
     @abstractmethod
-    def grad_norm(self) -> float | None:
-        """Global gradient norm before clipping, of the last update (None or inf after a skipped one)."""
+    def grad_norm(self) -> torch.Tensor | float | None:
+        """Global gradient norm before clipping, of the last update (None, inf or NaN after a skipped one); a
+        tensor stays on the device, to be read with the other metrics of a log step."""
 
     @abstractmethod
     def save(self, directory: Path, tag: str) -> None:

@@ -13,10 +13,12 @@ import torch
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
+from deepspeed.utils.z3_leaf_module import set_z3_leaf_module
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
 from pretrain.activation_checkpointing import apply_grad_checkpointing
+from pretrain.compile import apply_compile
 from pretrain.config import Config, DeepSpeedConfig
 from pretrain.dist import DistContext
 from pretrain.engine.base import Engine, InitFn, ModelRecipe, OptimizerFn, SaveFailed, write_error
@@ -171,11 +173,18 @@ class DeepSpeedEngine(Engine):
         if self.zero3 and mode == "torch":
             mode = "torch_reentrant"  # non-reentrant recompute sees ZeRO-3's released (empty) params
         apply_grad_checkpointing(model, mode)
+        apply_compile(model, cfg.model.compile)
+        if self.zero3 and cfg.model.compile == "blocks":
+            # A compiled block reads its children's parameters inside the region, where ZeRO-3's gather on
+            # access cannot run (dynamo takes the partitioned tensors as they are): as a ZeRO-3 leaf module,
+            # the block's own pre-forward hook gathers all of them, before the region.
+            for block in model.blocks():
+                set_z3_leaf_module(block, True)
         self.ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model), config=self.json)
         self.ds.checkpoint_engine = KeptWriteErrors(self.ds.checkpoint_engine)
         log.info("deepspeed: ZeRO-%d %s, micro batch %d x accumulation %d x world %d = global batch %d, "
-                 "grad checkpointing %s", ecfg.zero_stage, ecfg.precision, cfg.stage.micro_batch, accum,
-                 ctx.world_size, self.json["train_batch_size"], mode)
+                 "grad checkpointing %s, compile %s", ecfg.zero_stage, ecfg.precision, cfg.stage.micro_batch, accum,
+                 ctx.world_size, self.json["train_batch_size"], mode, cfg.model.compile)
 
     @property
     def module(self) -> nn.Module:
@@ -206,9 +215,8 @@ class DeepSpeedEngine(Engine):
         # gradients are dropped there whatever their cause, a NaN-scaled loss (above) or the backward itself.
         return bool(self.ds.optimizer.overflow)
 
-    def grad_norm(self) -> float | None:
-        norm = self.ds.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    def grad_norm(self) -> torch.Tensor | float | None:
+        return self.ds.get_global_grad_norm()  # a tensor or a float, as the ZeRO stage keeps it; not read here
 
     def save(self, directory: Path, tag: str) -> None:
         writer = self.ds.checkpoint_engine

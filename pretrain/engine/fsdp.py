@@ -23,7 +23,6 @@ to any world size on load, and `read_weights` merges the model part without a pr
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from pretrain.activation_checkpointing import apply_grad_checkpointing
+from pretrain.compile import apply_compile
 from pretrain.config import Config, FSDPConfig
 from pretrain.dist import DistContext
 from pretrain.engine.base import Engine, ModelRecipe, OptimizerFn, SaveFailed, write_error
@@ -80,20 +80,22 @@ class FSDPEngine(Engine):
         self.device = ctx.device
         self.dtype = DTYPES[ecfg.precision]
         self.accum, self.micro_steps, self.clip_grad = accum, 0, cfg.stage.optim.clip_grad
-        self._grad_norm: float | None = None
+        self._grad_norm: torch.Tensor | None = None
         self._finite: torch.Tensor | None = None
+        self._skipped = torch.zeros((), dtype=torch.bool, device=self.device)
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         with torch.device("meta"):
             model = recipe.build_model()
         apply_grad_checkpointing(model, cfg.model.grad_checkpointing)
+        apply_compile(model, cfg.model.compile)
         self.model = shard_model(model, mesh, ecfg.precision, ecfg.reshard_after_forward)
         materialise(self.model, recipe, ctx)
         self.optimizer = optimizer(self.model)
         log.info("fsdp: FSDP2 %s over %d ranks (%d blocks + root), micro batch %d x accumulation %d x world %d "
-                 "= global batch %d, grad checkpointing %s", ecfg.precision, ctx.world_size, len(model.blocks()),
+                 "= global batch %d, grad checkpointing %s, compile %s", ecfg.precision, ctx.world_size, len(model.blocks()),
                  cfg.stage.micro_batch, accum, ctx.world_size, cfg.stage.micro_batch * accum * ctx.world_size,
-                 cfg.model.grad_checkpointing)
+                 cfg.model.grad_checkpointing, cfg.model.compile)
 
     @property
     def module(self) -> nn.Module:
@@ -112,19 +114,23 @@ class FSDPEngine(Engine):
         self._finite = finite
 
     def step(self) -> bool:
+        """Clip and update without reading anything on the host: whether the step is dropped stays a device
+        flag, which the fused AdamW reads itself (`found_inf`: weights, moments and step count unchanged)."""
         self.micro_steps += 1
         if self.micro_steps % self.accum:
             return False
-        finite_loss = self._finite is None or bool(self._finite.item())  # the same agreed flag on every rank
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = self._global_grad_norm(params) if finite_loss else None
         # A norm reduced over ranks: every rank sees the same inf/NaN from any rank's gradients and skips too.
-        self._grad_norm = None if norm is None else norm.item()
-        if not self.skipped():
-            if self.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
-            self.optimizer.step()
+        norm = self._global_grad_norm(params)
+        ok = torch.isfinite(norm)
+        if self._finite is not None:  # the same agreed flag on every rank
+            ok = ok & (self._finite > 0)
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
+        self.optimizer.found_inf = (~ok).float()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._grad_norm, self._skipped = norm, ~ok
         return True
 
     @staticmethod
@@ -132,10 +138,10 @@ class FSDPEngine(Engine):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the shards' partial norms, reduced
 
-    def skipped(self) -> bool:
-        return self._grad_norm is None or not math.isfinite(self._grad_norm)
+    def skipped(self) -> torch.Tensor:
+        return self._skipped
 
-    def grad_norm(self) -> float | None:
+    def grad_norm(self) -> torch.Tensor | None:
         return self._grad_norm
 
     def _state(self) -> dict[str, Any]:

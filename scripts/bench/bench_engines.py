@@ -1,12 +1,17 @@
-"""Engine step time on 2 CPU ranks: DeepSpeed ZeRO-3 vs torch FSDP2 vs plain DDP, side by side in one launch.
+"""Engine step time on 2 CPU ranks: DeepSpeed ZeRO-3 vs torch FSDP2 vs plain DDP, and ZeRO-3 with compiled
+blocks vs eager, side by side in one launch.
 
 Each engine trains the SimMIM stage of the same model on the same fixed batch (no data loading: the engines
 are what is compared), bf16: ZeRO-3 and FSDP2 through the project's engines (pretrain/engine/), DDP as torch's
 DistributedDataParallel with bf16 autocast and the same AdamW groups and clipping. The engines take turns,
-step by step, so load on the shared machine hits them alike; a step's time is the slowest rank's.
+step by step, so load on the shared machine hits them alike; a step's time is the slowest rank's. The
+engine comparison runs eager; `--compiled` models also step ZeRO-3 with model.compile=blocks (its first step,
+the compilation, is the warm-up).
 
     .venv/bin/python -m scripts.bench.bench_engines [--models swinv2_nano swinv2_tiny] [--steps 4]
-`run()` returns the rows for the scripts.bench aggregator (baseline = DDP; ratio = DDP time / engine time).
+                                                    [--compiled swinv2_nano]
+`run()` returns the rows for the scripts.bench aggregator (baseline = DDP; ratio = DDP time / engine time;
+compiled rows: baseline = eager ZeRO-3).
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ from pretrain import dist as pdist
 from scripts.bench import format_table
 
 REPO = Path(__file__).resolve().parents[2]
-ENGINES = {"zero3": ["engine=deepspeed", "engine.zero_stage=3", "engine.precision=bf16"],
-           "fsdp2": ["engine=fsdp", "engine.precision=bf16"],
-           "ddp": ["engine=deepspeed", "engine.precision=bf16"]}  # config only; DDP is built here
+ENGINES = {"zero3": ["engine=deepspeed", "engine.zero_stage=3", "engine.precision=bf16", "model.compile=off"],
+           "fsdp2": ["engine=fsdp", "engine.precision=bf16", "model.compile=off"],
+           "ddp": ["engine=deepspeed", "engine.precision=bf16", "model.compile=off"]}  # config only; DDP is built here
+COMPILED = {"zero3_compiled": [*ENGINES["zero3"], "model.compile=blocks"]}
 MICRO_BATCH = 4
 WORKER_TIMEOUT_S = 480
 
@@ -63,13 +69,14 @@ class DDPEngine:
 
 
 def build(name: str, model: str, ctx):
+    overrides = {**ENGINES, **COMPILED}[name]
     from pretrain.engine import build_engine
     from pretrain.optim import optimizer_for
     from pretrain.preflight import Start
     from pretrain.stages import build_stage
     from scripts.plan_memory import compose_config
     cfg = compose_config([f"model={model}", f"stage.micro_batch={MICRO_BATCH}", "model.drop_path_rate=0",
-                          f"stage.global_batch={MICRO_BATCH * ctx.world_size}", *ENGINES[name]])
+                          f"stage.global_batch={MICRO_BATCH * ctx.world_size}", *overrides])
     stage = build_stage(Start(cfg), ctx)
     torch.manual_seed(0)
     optimizer = optimizer_for(cfg.stage.optim)
@@ -78,7 +85,7 @@ def build(name: str, model: str, ctx):
     return stage, engine, cfg
 
 
-def worker(out: str, models: list[str], steps: int) -> None:
+def worker(out: str, models: list[str], compiled: list[str], steps: int) -> None:
     import faulthandler
 
     import torch.distributed as dist
@@ -87,13 +94,14 @@ def worker(out: str, models: list[str], steps: int) -> None:
     pdist.setup_env()
     ctx = pdist.init()
     results = {}
-    for model in models:
-        runs = {name: build(name, model, ctx) for name in ENGINES}
-        side = runs["ddp"][2].model.img_size
+    for model in dict.fromkeys(models + compiled):
+        names = [*(ENGINES if model in models else ["zero3"]), *(COMPILED if model in compiled else [])]
+        runs = {name: build(name, model, ctx) for name in names}
+        side = runs["zero3"][2].model.img_size
         gen = torch.Generator().manual_seed(ctx.rank)
         batch = {"image": torch.randn(MICRO_BATCH, 3, side, side, generator=gen),
                  "mask": (torch.rand(MICRO_BATCH, side // 4, side // 4, generator=gen) > 0.4).float()}
-        times = {name: [] for name in runs}
+        first, times = {}, {name: [] for name in runs}
         for i in range(steps + 1):  # the first step is warm-up (allocations, AdamW state)
             for name, (stage, engine, _) in runs.items():
                 dist.barrier()
@@ -105,27 +113,41 @@ def worker(out: str, models: list[str], steps: int) -> None:
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 if i:
                     times[name].append(elapsed.item())
+                else:
+                    first[name] = elapsed.item()
         results[model] = {name: statistics.median(t) for name, t in times.items()}
+        if "zero3_compiled" in first:  # the first step less a median one
+            results[model]["compile_s"] = first["zero3_compiled"] - results[model]["zero3_compiled"]
         del runs
     if ctx.is_main:
         Path(out).write_text(json.dumps(results))
     pdist.shutdown()
 
 
-def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), steps: int = 4) -> list[dict]:
+def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), compiled: tuple[str, ...] = ("swinv2_nano",),
+        steps: int = 4) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "engines.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
         cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
-               "scripts.bench.bench_engines", "--worker", str(out), "--steps", str(steps), "--models", *models]
+               "scripts.bench.bench_engines", "--worker", str(out), "--steps", str(steps), "--models", *models,
+               "--compiled", *compiled]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"engine bench failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
         results = json.loads(out.read_text())
     rows = []
     for model, t in results.items():
+        if "zero3_compiled" in t:
+            rows.append(dict(
+                name=f"{model} SimMIM step, ZeRO-3 compiled blocks vs eager, 2 CPU ranks (s/step)",
+                ours=t["zero3_compiled"], baseline=t["zero3"], ratio=t["zero3"] / t["zero3_compiled"],
+                how=f"bf16, micro batch {MICRO_BATCH}/rank at 192px, median of {steps} steps after the compiling one, "
+                    f"interleaved, 1 thread/rank, slowest rank; compile {t['compile_s']:.0f} s"))
         for name, label in (("zero3", "ZeRO-3"), ("fsdp2", "FSDP2")):
+            if name not in t or "ddp" not in t:
+                continue
             rows.append(dict(
                 name=f"{model} SimMIM step, {label} vs DDP, 2 CPU ranks (s/step)", ours=t[name], baseline=t["ddp"],
                 ratio=t["ddp"] / t[name],
@@ -136,14 +158,15 @@ def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), steps: int = 4
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["swinv2_nano", "swinv2_tiny"])
+    parser.add_argument("--models", nargs="*", default=["swinv2_nano", "swinv2_tiny"])
+    parser.add_argument("--compiled", nargs="*", default=["swinv2_nano"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.models, args.steps)
+        worker(args.worker, args.models, args.compiled, args.steps)
         pdist.exit_process(0)
-    print(format_table([("engines", row) for row in run(tuple(args.models), args.steps)]), flush=True)
+    print(format_table([("engines", row) for row in run(tuple(args.models), tuple(args.compiled), args.steps)]), flush=True)
 
 
 if __name__ == "__main__":

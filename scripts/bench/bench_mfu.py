@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from models import SwinTransformerV2, swinv2_forward_flops
 from pretrain.metrics import measure_gemm_peak, train_flops_per_s
+from pretrain.recipes import model_kwargs
 from scripts.bench import suite_main
 from scripts.plan_memory import compose_config
 
@@ -26,8 +27,7 @@ NUM_CLASSES = 1000
 
 def _step_fn(mode: str, batch: int):
     cfg = compose_config(["model=swinv2_tiny", "+stage=supervised"]).model
-    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "grad_checkpointing")}
-    model = SwinTransformerV2(num_classes=NUM_CLASSES, **kwargs).train()
+    model = SwinTransformerV2(num_classes=NUM_CLASSES, **model_kwargs(cfg)).train()
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size)
     y = torch.randint(0, NUM_CLASSES, (batch,))
     if mode == "autocast":

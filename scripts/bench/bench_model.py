@@ -3,6 +3,9 @@
 1. One training step (forward + backward + AdamW) of SwinV2-T at 192px/window 12, ours (both attention
    paths, sdpa and plain) and timm's side by side, repeats interleaved, medians; fp32 and bf16 autocast.
    Ratio = timm step time / our step time (> 1: ours is faster).
+   Compiled: ours with model.compile=blocks (pretrain.compile; the faster attention path of the device) against
+   timm eager and timm under torch.compile of the whole model (the same default mode), with each one's
+   compile time (its first step less a median step).
 2. Peak memory of one forward + backward of a stage-1 SwinV2-T block (shifted, with the mask) at
    1536px/window 32, with sequential attention vs batched, measured by torch's MemTracker on fake tensors
    (nothing is allocated). Ratio = batched peak / sequential peak.
@@ -21,6 +24,7 @@ import time
 import torch
 
 from models.swinv2 import SwinTransformerBlock, SwinTransformerV2, init_module
+from pretrain.compile import apply_compile
 from scripts.bench import format_table
 
 TINY = dict(img_size=192, patch_size=4, in_chans=3, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
@@ -48,31 +52,60 @@ def _step_fn(model, batch: int, dtype: torch.dtype | None, device: str):
     return step
 
 
+def _interleaved(models: dict, batch: int, repeats: int, dtype: torch.dtype | None,
+                 device: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Each model's first step (s) and median step (s): two warm-up steps (allocator, kernel selection, AdamW
+    state, compilation), then `repeats` steps taken in turn, so that load on a shared machine hits all alike."""
+    steps = {name: _step_fn(model.to(device).train(), batch, dtype, device) for name, model in models.items()}
+    first, times = {}, {name: [] for name in steps}
+    for warm_up in range(2):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if not warm_up:
+                first[name] = time.perf_counter() - t0
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return first, {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_step(batch: int, repeats: int, dtype: torch.dtype | None, device: str) -> list[dict]:
     """Both attention paths of ours and timm's model, stepped in turn; one row per path of ours."""
     torch.manual_seed(0)
     models = {impl: SwinTransformerV2(num_classes=1000, attn_impl=impl, **TINY) for impl in ("sdpa", "plain")}
     models["timm"] = _timm_tiny(1000)
-    steps = {name: _step_fn(model.to(device).train(), batch, dtype, device) for name, model in models.items()}
-    times = {name: [] for name in steps}
-    for _ in range(2):  # warm-up: allocator, kernel selection, AdamW state
-        for step in steps.values():
-            step()
-    for _ in range(repeats):  # interleaved, so that load on a shared machine hits all alike
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    timm_s = statistics.median(times["timm"])
+    _, median = _interleaved(models, batch, repeats, dtype, device)
+    timm_s = median["timm"]
     precision = "bf16 autocast" if dtype is not None else "fp32"
     rows = []
     for impl in ("sdpa", "plain"):
-        ours_s = statistics.median(times[impl])
+        ours_s = median[impl]
         rows.append(dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} attn={impl} (img/s)",
                          ours=batch / ours_s, baseline=batch / timm_s, ratio=timm_s / ours_s,
                          how=f"fwd+bwd+AdamW, median of {repeats} interleaved steps vs timm {_timm_version()} "
                              f"SwinTransformerV2, {torch.get_num_threads()} threads"))
     return rows
+
+
+def bench_compiled(batch: int, repeats: int, dtype: torch.dtype | None, device: str) -> list[dict]:
+    """Ours with compiled blocks against timm eager and timm compiled whole, stepped in turn."""
+    impl = "sdpa" if device == "cuda" else "plain"  # the faster path of each device (the rows above)
+    torch.manual_seed(0)
+    ours = SwinTransformerV2(num_classes=1000, attn_impl=impl, **TINY)
+    apply_compile(ours, "blocks")
+    models = {"ours": ours, "timm": _timm_tiny(1000), "timm_compiled": torch.compile(_timm_tiny(1000))}
+    first, median = _interleaved(models, batch, repeats, dtype, device)
+    compile_s = {name: first[name] - median[name] for name in ("ours", "timm_compiled")}
+    precision = "bf16 autocast" if dtype is not None else "fp32"
+    how = (f"fwd+bwd+AdamW, median of {repeats} interleaved steps, {torch.get_num_threads()} threads; compile "
+           f"(first step less a median one): ours {compile_s['ours']:.0f} s, timm {compile_s['timm_compiled']:.0f} s")
+    return [dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} compiled blocks attn={impl} vs "
+                      f"timm {baseline} (img/s)", ours=batch / median["ours"], baseline=batch / median[key],
+                 ratio=median[key] / median["ours"], how=how)
+            for key, baseline in (("timm", "eager"), ("timm_compiled", "+ torch.compile"))]
 
 
 def _timm_version() -> str:
@@ -157,7 +190,9 @@ def bench_window_attention(img_size: int, window: int, batch: int, repeats: int,
 
 def run(batch: int = 8, repeats: int = 5, device: str | None = None) -> list[dict]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = bench_step(batch, repeats, None, device) + bench_step(batch, repeats, torch.bfloat16, device)
+    rows = []
+    for dtype in (None, torch.bfloat16):
+        rows += bench_step(batch, repeats, dtype, device) + bench_compiled(batch, repeats, dtype, device)
     rows += [bench_window_attention(img, window, batch, 2 * repeats, dtype, device)
              for img, window in ((192, 12), (256, 16)) for dtype in (None, torch.bfloat16)]
     return rows + [bench_memory()]

@@ -4,6 +4,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from pretrain.recipes import model_kwargs
+
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 CONFIG_NAMES = ("nano", "tiny", "small", "base", "large", "huge", "giant", "giant_3b")
 # Small enough for exact CPU checks in a fraction of a second: 64px, window 4, shifted and clamped blocks.
@@ -14,10 +16,7 @@ MICRO = dict(img_size=64, patch_size=4, in_chans=3, embed_dim=16, depths=[2, 2, 
 
 def model_cfg(name: str) -> dict:
     """A conf/model yaml as SwinTransformerV2 keyword arguments."""
-    cfg = yaml.safe_load((CONF_MODEL / f"swinv2_{name}.yaml").read_text())
-    cfg.pop("name")
-    cfg.pop("grad_checkpointing")
-    return cfg
+    return model_kwargs(yaml.safe_load((CONF_MODEL / f"swinv2_{name}.yaml").read_text()))
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0):

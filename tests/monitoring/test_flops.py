@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import SimMIM, SwinTransformerV2, simmim_forward_flops, swinv2_forward_flops
 from pretrain.config import CONF_DIR
 from pretrain.metrics import TRAIN_FLOPS_PER_FORWARD
+from pretrain.recipes import model_kwargs
 
 NUM_CLASSES = 10
 
@@ -17,7 +18,7 @@ def nano() -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "swinv2_nano.yaml"))
     # Plain attention: FlopCounterMode has no formula for SDPA's fused CPU kernel, so it would miss q k^T and
     # attn v there (the analytic count is the same for both implementations).
-    return {**{k: v for k, v in cfg.items() if k not in ("name", "grad_checkpointing")}, "attn_impl": "plain"}
+    return {**model_kwargs(cfg), "attn_impl": "plain"}
 
 
 def counted_flops(fn) -> int:

@@ -9,6 +9,7 @@ import yaml
 from data.demo import write_demo_shards
 from models import SimMIM
 from pretrain.loggers import read_metrics
+from pretrain.recipes import model_kwargs
 from tests.monitoring.test_flops import counted_flops
 from tests.torchrun import REPO, torchrun
 from wandb_offline import offline_runs, read_run
@@ -62,8 +63,7 @@ def test_mfu_is_the_counted_flops_of_the_logged_throughput_over_one_peak(runs):
     run = runs / "runs" / "demo" / "simmim"
     model_cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
     size = model_cfg["img_size"]
-    kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "grad_checkpointing")}
-    model = SimMIM(**kwargs, encoder_stride=32).eval()
+    model = SimMIM(**model_kwargs(model_cfg), encoder_stride=32).eval()
     with torch.no_grad():
         forward = counted_flops(lambda: model(torch.randn(1, 3, size, size), torch.zeros(1, size // 4, size // 4)))
     rows = [r for r in read_metrics(run) if "perf/mfu" in r]

@@ -49,6 +49,8 @@ def test_wrong_type_is_named():
     ("stage.optim.warmup_steps=100000", "stage.optim.warmup_steps"),
     ("model.grad_checkpointing=always", "model.grad_checkpointing"),
     ("model.cpb_coords=loglinear", "model.cpb_coords"),
+    ("model.compile=max-autotune", "model.compile"),
+    ("model.compile=full", "model.compile: full would trace ZeRO-3's parameter gathers"),  # default ZeRO-3
     ("stage.steps=0", "stage.epochs/stage.steps"),
     ("resilience.max_consecutive_skips=0", "resilience.max_consecutive_skips"),
     ("resilience.spike_factor=0.5", "resilience.spike_factor"),
@@ -60,6 +62,15 @@ def test_wrong_type_is_named():
 def test_bad_value_is_named(override, key):
     with pytest.raises(ConfigError, match=key):
         finalize(compose_cfg("+stage=simmim", override), world_size=2)
+
+
+def test_compile_defaults_to_blocks_except_on_nano_and_off_parses_as_a_word():
+    assert finalize(compose_cfg("+stage=simmim"), world_size=2).model.compile == "off"  # nano, the default model
+    assert finalize(compose_cfg("+stage=simmim", "model=swinv2_tiny"), world_size=1).model.compile == "blocks"
+    assert finalize(compose_cfg("+stage=simmim", "model=swinv2_tiny", "model.compile=off"),
+                    world_size=1).model.compile == "off"
+    assert finalize(compose_cfg("+stage=simmim", "engine=fsdp", "model.compile=full"),
+                    world_size=2).model.compile == "full"
 
 
 def test_window_must_divide_each_feature_map_larger_than_it():

@@ -19,13 +19,14 @@ from pretrain.config import CONF_DIR, Config, DataConfig, FSDPConfig, ModelConfi
 from pretrain.engine.fsdp import FSDPEngine
 from pretrain.objectives import MaskedReconstruction
 from pretrain.optim import optimizer_for
+from pretrain.recipes import model_kwargs
 
 BATCH = 32
 
 
 class Recipe:
     def __init__(self, model_cfg: ModelConfig):
-        self.kwargs = {k: v for k, v in vars(model_cfg).items() if k not in ("name", "grad_checkpointing")}
+        self.kwargs = model_kwargs(model_cfg)
 
     def build_model(self):
         return SimMIM(encoder_stride=32, **self.kwargs)
