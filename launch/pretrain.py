@@ -18,7 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
-from pretrain import config, dist  # noqa: E402
+from pretrain import config, process_group  # noqa: E402
 from pretrain.preflight import preflight  # noqa: E402
 
 config.register_configs()
@@ -36,8 +36,8 @@ for category, module, message in THIRD_PARTY_DEPRECATIONS:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @record  # torchrun's failure summary then shows each rank's error, not only its exit code
 def main(raw: DictConfig) -> None:
-    dist.setup_env()
-    world_size = dist.world_size_from_env()
+    process_group.setup_env()
+    world_size = process_group.world_size_from_env()
     try:
         start = preflight(config.finalize(raw, world_size), world_size)
     except config.ConfigError as err:
@@ -48,7 +48,7 @@ def main(raw: DictConfig) -> None:
         return
     from pretrain.trainer import TrainingHalted, train  # heavy imports only once the config is known to be good
     try:
-        with dist.peer_failures_named(start.cfg.resilience.collective_timeout_s):
+        with process_group.peer_failures_named(start.cfg.resilience.collective_timeout_s):
             train(start)
     except TrainingHalted as halt:
         sys.exit(f"training stopped: {halt}")  # on every rank, after the process group shut down together
@@ -75,4 +75,4 @@ if __name__ == "__main__":
         status = f"config error: {composition_error(err)}"
     except SystemExit as stop:  # a config error or a halted run: its one-line message, status 1
         status = stop.code
-    dist.exit_process(status)
+    process_group.exit_process(status)

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pretrain import dist, rundir
-from pretrain.dist import DistContext
+from pretrain import process_group, rundir
+from pretrain.process_group import DistContext
 from pretrain.engine import Engine
 from pretrain.engine.base import SaveFailed, write_error
 
@@ -160,11 +160,11 @@ class Checkpointer:
 
     def _agree(self, tag: str, error: str) -> None:
         """Collective: raise CheckpointError on every rank if any rank brings an error."""
-        failed = dist.all_reduce_sum(torch.tensor(float(bool(error)), device=self.ctx.device))
+        failed = process_group.all_reduce_sum(torch.tensor(float(bool(error)), device=self.ctx.device))
         if not failed.item():
             return
         free_gb = _free_gb(self.dir)  # before rank 0 removes what the attempt wrote (after the gather)
-        reasons = "; ".join(f"rank {r}: {e}" for r, e in enumerate(dist.all_gather_object(error)) if e)
+        reasons = "; ".join(f"rank {r}: {e}" for r, e in enumerate(process_group.all_gather_object(error)) if e)
         if self.ctx.is_main:  # what the failed attempt wrote only takes space
             shutil.rmtree(self.dir / f"{tag}{PARTIAL}", ignore_errors=True)
         raise CheckpointError(f"checkpoint save to {self.dir / tag} failed ({reasons}); latest is still "

@@ -16,7 +16,7 @@ import logging
 
 from omegaconf import OmegaConf
 
-from pretrain import dist, rundir
+from pretrain import process_group, rundir
 from pretrain.ema import ema_metrics
 from pretrain.engine import build_engine
 from pretrain.loggers import RunLogger
@@ -35,7 +35,7 @@ def summary_line(metrics: dict[str, float], prefix: str = "eval") -> str:
 
 def evaluate(start: Start) -> dict[str, float]:
     cfg = start.cfg
-    ctx = dist.init()
+    ctx = process_group.init()
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     stage = build_stage(start, ctx)
@@ -59,5 +59,5 @@ def evaluate(start: Start) -> dict[str, float]:
         rundir.save_config(cfg, rundir.run_dir(cfg))  # what was evaluated, and how
         for prefix in ("eval", "eval_ema") if cfg.stage.ema else ("eval",):
             print(summary_line(metrics, prefix), flush=True)
-    dist.shutdown()
+    process_group.shutdown()
     return metrics

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from data.shards import ShardLoader
-from pretrain import dist
-from pretrain.dist import DistContext
+from pretrain import process_group
+from pretrain.process_group import DistContext
 from pretrain.engine import Engine
 from pretrain.loaders import next_batch
 
@@ -50,7 +50,7 @@ class Evaluator:
         engine.module.eval()
         while True:
             batch = next_batch(batches)
-            if dist.all_reduce_sum(torch.tensor(float(batch is not None), device=self.ctx.device)).item() == 0:
+            if process_group.all_reduce_sum(torch.tensor(float(batch is not None), device=self.ctx.device)).item() == 0:
                 break
             if batch is None:
                 engine.forward(torch.zeros(1, 3, self.img_size, self.img_size))
@@ -63,7 +63,7 @@ class Evaluator:
             counts[2] += F.cross_entropy(logits, label, reduction="sum")
             counts[3] += len(label)
         engine.module.train()
-        top1, top5, loss, n = dist.all_reduce_sum(counts.to(self.ctx.device)).tolist()
+        top1, top5, loss, n = process_group.all_reduce_sum(counts.to(self.ctx.device)).tolist()
         if not self.batches and self.expected_images and n != self.expected_images:
             log.warning("evaluated %d val images, but data.val_samples is %d (unreadable samples, or a wrong "
                         "data.val_samples)", n, self.expected_images)

@@ -10,7 +10,7 @@ from collections import deque
 
 import torch
 
-from pretrain import dist
+from pretrain import process_group
 from pretrain.config import ResilienceConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class StepGuard:
         self.consecutive_skips = 0
         if self.cfg.spike_factor <= 0:
             return Verdict.GO_ON
-        mean_loss = dist.all_reduce_sum(loss.detach().float().clone()).item() / self.world_size
+        mean_loss = process_group.all_reduce_sum(loss.detach().float().clone()).item() / self.world_size
         window = self.recent_losses
         baseline = sum(window) / len(window) if len(window) == window.maxlen else math.inf  # full windows only
         if mean_loss > self.cfg.spike_factor * baseline:

@@ -12,7 +12,7 @@ import torch
 from data.shards import ShardLoader, build_loader
 from data.transforms import EvalTransform, MixupCutmix, SimMIMTransform, SupervisedTransform
 from pretrain.config import Config
-from pretrain.dist import DistContext
+from pretrain.process_group import DistContext
 
 
 def next_batch(loader: Iterator[dict]) -> dict | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pretrain import start_weights
 from pretrain.config import (ConfigError, EvalStageConfig, FinetuneStageConfig, SimMIMStageConfig,
                              SupervisedStageConfig)
-from pretrain.dist import DistContext
+from pretrain.process_group import DistContext
 from pretrain.evaluator import Evaluator
 from pretrain.loaders import LabelledImages, MaskedImages
 from pretrain.objectives import MaskedReconstruction, Objective, SoftTargetCrossEntropy

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pretrain import dist, rundir
+from pretrain import process_group, rundir
 from pretrain.checkpoint import BatchLayout, Checkpointer
 from pretrain.compile import CompileWatch
 from pretrain.config import Config, grad_accum_steps, total_steps
@@ -65,7 +65,7 @@ def train_step(objective: Objective, engine: Engine, loader, accum: int) -> Step
         loss, extras = objective.loss(engine, batch)
         # Every rank must know before its backward whether any rank's loss is bad: one tiny collective per
         # micro batch, left on the device (no host sync) until the step's end.
-        finite = finite * dist.all_reduce_min(torch.isfinite(loss.detach()).float())
+        finite = finite * process_group.all_reduce_min(torch.isfinite(loss.detach()).float())
         engine.backward(loss, finite)
         engine.step()
         loss_sum += loss.detach().float()
@@ -79,7 +79,7 @@ def train(start: Start) -> None:
     cfg = start.cfg
     # First: a SLURM warning that arrives while the model, loaders and checkpoint load is not lost.
     watcher = PreemptionWatcher()
-    ctx = dist.init(cfg.resilience.collective_timeout_s)
+    ctx = process_group.init(cfg.resilience.collective_timeout_s)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     run = rundir.run_dir(cfg)
@@ -167,7 +167,7 @@ def train(start: Start) -> None:
 
     progress.close()
     logger.finish()
-    dist.shutdown()
+    process_group.shutdown()
     if guard.halted:
         latest = checkpointer.latest_tag()
         raise TrainingHalted(f"{guard.halted}. Resume from: {checkpointer.dir / latest if latest else 'the start'}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pretrain.config import Config
-from pretrain.dist import DistContext
+from pretrain.process_group import DistContext
 from pretrain.engine.base import Engine, ModelRecipe, OptimizerFn
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from pretrain.activation_checkpointing import apply_grad_checkpointing
 from pretrain.compile import apply_compile
 from pretrain.config import Config, DeepSpeedConfig
-from pretrain.dist import DistContext
+from pretrain.process_group import DistContext
 from pretrain.engine.base import Engine, InitFn, ModelRecipe, OptimizerFn, SaveFailed, write_error
 from pretrain.engine import universal
 from pretrain.safe_load import check_checkpoint
@@ -158,7 +158,7 @@ class DeepSpeedEngine(Engine):
         # On CPU DeepSpeed would JIT-compile a shared-memory all-reduce kernel (a minute or more, under a file
         # lock every other DeepSpeed process then waits on); gloo's collectives are what it falls back to.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed()  # adopts the process group pretrain.dist started
+        deepspeed.init_distributed()  # adopts the process group pretrain.process_group started
 
         load_initial = recipe.initial_weights()
         if self.zero3:

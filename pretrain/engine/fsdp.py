@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 from pretrain.activation_checkpointing import apply_grad_checkpointing
 from pretrain.compile import apply_compile
 from pretrain.config import Config, FSDPConfig
-from pretrain.dist import DistContext
+from pretrain.process_group import DistContext
 from pretrain.engine.base import Engine, ModelRecipe, OptimizerFn, SaveFailed, write_error
 from pretrain.safe_load import check_checkpoint
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain import dist as pdist
+from pretrain import process_group
 from scripts.bench import format_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,8 +91,8 @@ def worker(out: str, models: list[str], compiled: list[str], steps: int) -> None
     import torch.distributed as dist
 
     faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)  # a hung collective fails with a traceback
-    pdist.setup_env()
-    ctx = pdist.init()
+    process_group.setup_env()
+    ctx = process_group.init()
     results = {}
     for model in dict.fromkeys(models + compiled):
         names = [*(ENGINES if model in models else ["zero3"]), *(COMPILED if model in compiled else [])]
@@ -121,7 +121,7 @@ def worker(out: str, models: list[str], compiled: list[str], steps: int) -> None
         del runs
     if ctx.is_main:
         Path(out).write_text(json.dumps(results))
-    pdist.shutdown()
+    process_group.shutdown()
 
 
 def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), compiled: tuple[str, ...] = ("swinv2_nano",),
@@ -165,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.models, args.compiled, args.steps)
-        pdist.exit_process(0)
+        process_group.exit_process(0)
     print(format_table([("engines", row) for row in run(tuple(args.models), tuple(args.compiled), args.steps)]), flush=True)
 
 

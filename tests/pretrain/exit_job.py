@@ -1,6 +1,6 @@
 """torchrun job for test_exit.py: a short DeepSpeed job (nan_skip_job's: ZeRO-3 engine, one training step, a
 checkpoint save, shutdown) REPEATS times, each in a process of its own that ends as launch/pretrain.py does
-(dist.exit_process). The processes are forked from this one, which imported everything once: the imports cost
+(process_group.exit_process). The processes are forked from this one, which imported everything once: the imports cost
 more than the job. Rank r writes OUT/exits_rank<r>.json: each repeat's exit code (negative: the signal that
 ended it, e.g. -6 for SIGABRT).
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as tdist
 
 from nan_skip_job import main as short_job
-from pretrain import dist
+from pretrain import process_group
 
 
 def repeat(out: Path, i: int) -> None:
@@ -25,7 +25,7 @@ def repeat(out: Path, i: int) -> None:
     tdist.init_process_group("gloo", init_method=f"file://{out}/store{i}", rank=rank, world_size=world,
                              timeout=timedelta(seconds=300))
     short_job(out / f"job{i}", "deepspeed", ["0"], [])
-    dist.exit_process(0)
+    process_group.exit_process(0)
 
 
 def main(out: Path, repeats: int) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from pretrain import dist
+from pretrain import process_group
 from pretrain.config import CONF_DIR, finalize, grad_accum_steps, register_configs
 from pretrain.engine import build_engine
 from pretrain.trainer import train_step
@@ -57,8 +57,8 @@ def micro_batches(plan: list[str], rank: int, world_size: int, accum: int):
 
 
 def main(out: Path, engine_name: str, plan: list[str], extra: list[str]) -> None:
-    dist.setup_env()
-    ctx = dist.init()
+    process_group.setup_env()
+    ctx = process_group.init()
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         raw = compose("config", overrides=["+stage=supervised", f"engine={engine_name}", "engine.precision=fp32",
@@ -73,9 +73,9 @@ def main(out: Path, engine_name: str, plan: list[str], extra: list[str]) -> None
     updated = [train_step(Classify(), engine, loader, accum).updated for _ in plan]
     engine.save(out / "checkpoints", "final")
     (out / f"updated_rank{ctx.rank}.json").write_text(json.dumps(updated))
-    dist.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4:])
-    dist.exit_process(0)
+    process_group.exit_process(0)

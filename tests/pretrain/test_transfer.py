@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from models.swinv2 import WindowAttention, relative_coords_table
 from pretrain import rundir, start_weights
 from pretrain.config import ConfigError, EvalStageConfig, FinetuneStageConfig, finalize
-from pretrain.dist import DistContext
+from pretrain.process_group import DistContext
 from pretrain.ema import merge_shards
 from pretrain.preflight import resolve_start
 from pretrain.stages import build_stage

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from data.shards import build_loader
 from models import SwinTransformerV2
-from pretrain import dist
+from pretrain import process_group
 from pretrain.checkpoint import BatchLayout, Checkpointer, step_tag
 from pretrain.config import CONF_DIR, finalize, grad_accum_steps, register_configs
 from pretrain.engine import build_engine
@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra config override, e.g. engine.zero_stage=2")
     args = parser.parse_args()
 
-    dist.setup_env()
-    ctx = dist.init()
+    process_group.setup_env()
+    ctx = process_group.init()
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, format="%(message)s")
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -103,15 +103,15 @@ def main() -> None:
             engine.step()
             loss_sum += loss.detach()
         step += 1
-        result["losses"][step] = dist.all_reduce_sum(loss_sum).item() / (accum * ctx.world_size)
+        result["losses"][step] = process_group.all_reduce_sum(loss_sum).item() / (accum * ctx.world_size)
         if step == args.save_at:
             saver.save(engine, step)
     if ctx.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "losses.json").write_text(json.dumps(result))
-    dist.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":
     main()
-    dist.exit_process(0)
+    process_group.exit_process(0)

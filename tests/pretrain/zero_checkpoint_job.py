@@ -12,7 +12,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from pretrain import dist
+from pretrain import process_group
 from pretrain.objectives import masked_l1
 from pretrain.optim import build_param_groups
 
@@ -108,9 +108,9 @@ def main() -> None:
         kind, stage, *bf16 = spec.split(":")
         dtype = torch.bfloat16 if bf16 else torch.float32
         train_and_save(kind, int(stage), dtype, args.out_dir / "_".join([kind, f"zero{stage}", *bf16]))
-    dist.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":
     main()
-    dist.exit_process(0)
+    process_group.exit_process(0)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models import SimMIM, SwinTransformerV2, encoder_state_dict, load_pretrained
-from pretrain import dist as pdist
+from pretrain import process_group
 from pretrain.engine.deepspeed import build_partitioned, load_partitioned
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
@@ -141,9 +141,9 @@ def main(out_dir: Path) -> None:
         load_case(),
     ]
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
-    pdist.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    pdist.exit_process(0)
+    process_group.exit_process(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint import PARTIAL, step_tag, tag_step
-from pretrain.dist import PEER_REPORT_WAIT_S
+from pretrain.process_group import PEER_REPORT_WAIT_S
 from tests.pretrain.test_training import launch, shards  # noqa: F401 (the fixture)
 from tests.reliability.jobs import Job, assert_same_losses, assert_same_weights, weights
 

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pretrain import dist  # noqa: E402
+from pretrain import process_group  # noqa: E402
 from pretrain.engine.deepspeed import DeepSpeedEngine  # noqa: E402
 from pretrain.optim import optimizer_for  # noqa: E402
 from pretrain.preflight import Start  # noqa: E402
@@ -49,14 +49,14 @@ def held_by_rank(model_name: str, ctx) -> dict:
 
 
 def main(out_dir: str, *models: str) -> None:
-    dist.setup_env()
-    ctx = dist.init()
+    process_group.setup_env()
+    ctx = process_group.init()
     for name in models:
         held = held_by_rank(name, ctx)
         (Path(out_dir) / f"{name}_rank{ctx.rank}.json").write_text(json.dumps(held))
-    dist.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    dist.exit_process(0)
+    process_group.exit_process(0)

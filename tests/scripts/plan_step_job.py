@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pretrain import dist  # noqa: E402
+from pretrain import process_group  # noqa: E402
 from pretrain.engine import build_engine  # noqa: E402
 from pretrain.optim import optimizer_for  # noqa: E402
 from pretrain.preemption import PreemptionWatcher  # noqa: E402
@@ -59,14 +59,14 @@ def measure(overrides: list[str], accum: int, ctx) -> dict[str, int]:
 
 
 def main(out_dir: str, *cases: str) -> None:
-    dist.setup_env()
-    ctx = dist.init()
+    process_group.setup_env()
+    ctx = process_group.init()
     for i, case in enumerate(map(json.loads, cases)):
         measured = measure(case["overrides"], case["accum"], ctx)
         (Path(out_dir) / f"{i}_rank{ctx.rank}.json").write_text(json.dumps(measured))
-    dist.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    dist.exit_process(0)
+    process_group.exit_process(0)

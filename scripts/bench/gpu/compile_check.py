@@ -15,7 +15,7 @@ import traceback
 
 import torch
 
-from pretrain import dist
+from pretrain import process_group
 from pretrain.compile import CompileWatch
 from pretrain.engine import build_engine
 from pretrain.metrics import TrainMeter, peak_flops_per_s
@@ -92,8 +92,8 @@ def no_syncs(ctx, engine_name: str, compile_mode: str) -> None:
 
 
 def main() -> None:
-    dist.setup_env()
-    ctx = dist.init()
+    process_group.setup_env()
+    ctx = process_group.init()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     for engine_name in ("fsdp", "deepspeed"):
         for compile_mode in ("blocks", "off"):
@@ -106,7 +106,7 @@ def main() -> None:
         giant_mfu(ctx, int(sys.argv[1]) if len(sys.argv) > 1 else 64)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    dist.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":

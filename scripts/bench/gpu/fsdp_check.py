@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from models import SimMIM
-from pretrain import dist
+from pretrain import process_group
 from pretrain.config import CONF_DIR, Config, DataConfig, FSDPConfig, ModelConfig, SimMIMStageConfig
 from pretrain.engine.fsdp import FSDPEngine
 from pretrain.objectives import MaskedReconstruction
@@ -60,8 +60,8 @@ def train_step(engine, seed: int) -> float:
 
 
 def main() -> None:
-    dist.setup_env()
-    ctx = dist.init()
+    process_group.setup_env()
+    ctx = process_group.init()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for model in ("swinv2_nano", "swinv2_tiny"):
         for ckpt in ("none", "torch"):
@@ -100,7 +100,7 @@ def main() -> None:
                     assert same and abs(after[0] - after[1]) < 1e-4
             del engine
             torch.cuda.empty_cache()
-    dist.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":
