@@ -5,7 +5,7 @@ first, then compile, then sharding).
 forward is compiled, not the module's call (`nn.Module.compile()` compiles `_call_impl`, hooks and all), so
 the engines' module hooks (ZeRO-3's parameter gathers, FSDP2's all-gathers and reshards) run eagerly around
 the compiled region, which only ever sees gathered parameters. Blocks of the same shapes share compiled
-code: a model compiles once per (stage, shifted or not), not once per block. Checkpointing stays outside the
+code: a model compiles once per (feature-map stage, shifted or not), not once per block. Checkpointing stays outside the
 region too: torch's calls the (compiled) block, fairscale's wrapper calls the compiled inner forward.
 `full`: the model's whole forward in one region, engine hooks included (not under ZeRO-3: pretrain.config).
 """

@@ -279,7 +279,7 @@ def _validate_windows(m: ModelConfig) -> None:
     _check(m.window_size > 0, "model.window_size", f"must be > 0, got {m.window_size}")
     for i, side in enumerate(feature_map_sides(m.img_size, m.patch_size, len(m.depths))):
         _check(side % block_window(side, m.window_size) == 0, "model.window_size",
-               f"{m.window_size} does not divide the {side}x{side} feature map of stage {i + 1} (img_size "
+               f"{m.window_size} does not divide the {side}x{side} map of feature-map stage {i + 1} (img_size "
                f"{m.img_size} / patch_size {m.patch_size} / 2^{i}); a map no larger than the window is one window")
 
 

@@ -76,7 +76,7 @@ def test_compile_defaults_to_blocks_except_on_nano_and_off_parses_as_a_word():
 def test_window_must_divide_each_feature_map_larger_than_it():
     # 192px / patch 4: maps 48, 24, 12, 6. Window 24 divides 48; 24 and below are one window each.
     assert finalize(compose_cfg("+stage=simmim", "model.window_size=24"), world_size=2).model.window_size == 24
-    with pytest.raises(ConfigError, match="model.window_size: 16 does not divide the 24x24 feature map of stage 2"):
+    with pytest.raises(ConfigError, match="model.window_size: 16 does not divide the 24x24 map of feature-map stage 2"):
         finalize(compose_cfg("+stage=simmim", "model.window_size=16"), world_size=2)
 
 

@@ -24,7 +24,7 @@ def refused(shards, run_root, stage: str, *overrides: str, torchrun: bool = Fals
     ("stage.micro_batch=3", "stage.global_batch: 8 is not a multiple of micro_batch x world = 3 x 1"),
     ("data.samples_per_epoch=1", "data.samples_per_epoch: 1 is less than one micro batch on every rank (2 x 1)"),
     # 64px / patch 4 = 16x16 tokens in stage 1; the 2x2 map of stage 4 would use one window (clamped), but 16 % 6
-    ("model.window_size=6", "model.window_size: 6 does not divide the 16x16 feature map of stage 1"),
+    ("model.window_size=6", "model.window_size: 6 does not divide the 16x16 map of feature-map stage 1"),
     ("data.train_urls=/no/such/train.txt", "data.train_urls: shard-list file '/no/such/train.txt' does not exist"),
     ("data.train_urls='/no/such/train-{0..3}.tar'", "data.train_urls: 4 of 4 shards of '/no/such/train-{0..3}.tar' "
                                                     "do not exist, first: '/no/such/train-0.tar'"),
