@@ -20,7 +20,7 @@ from pretrain.engine import build_engine  # noqa: E402
 from pretrain.optim import optimizer_for  # noqa: E402
 from pretrain.preemption import PreemptionWatcher  # noqa: E402
 from pretrain.preflight import Start  # noqa: E402
-from pretrain.stages import SimMIMStage  # noqa: E402
+from pretrain.stages import build_stage  # noqa: E402
 from pretrain.trainer import train_step  # noqa: E402
 from scripts.comm_meter import CollectiveMeter  # noqa: E402
 from scripts.plan_memory import compose_config  # noqa: E402
@@ -41,8 +41,8 @@ def in_phase(meter: CollectiveMeter, name: str, fn):
 def measure(overrides: list[str], accum: int, ctx) -> dict[str, int]:
     cfg = compose_config([*SMALL, f"stage.global_batch={accum * ctx.world_size}", *overrides])
     torch.manual_seed(0)
-    stage = SimMIMStage(Start(cfg), ctx)
-    engine = build_engine(cfg, ctx, stage, accum, optimizer_for(cfg.stage.optim))
+    stage = build_stage(Start(cfg), ctx)
+    engine = build_engine(cfg, ctx, stage.model, accum, optimizer_for(cfg.stage.optim))
     meter = CollectiveMeter()
     for name in ("forward", "backward", "step"):  # label the engine's calls; train_step's own are "loop"
         setattr(engine, name, in_phase(meter, name, getattr(engine, name)))
@@ -53,7 +53,7 @@ def measure(overrides: list[str], accum: int, ctx) -> dict[str, int]:
     for _ in range(STEPS):
         meter.reset()
         with meter, meter.in_phase("loop"):
-            train_step(stage, engine, batches, accum)
+            train_step(stage.objective, engine, batches, accum)
             watcher.should_stop()
     return {"/".join(key): n for key, n in meter.bytes.items()}
 

@@ -21,16 +21,16 @@ from pretrain.engine import build_engine
 from pretrain.metrics import TrainMeter, peak_flops_per_s
 from pretrain.optim import optimizer_for
 from pretrain.preflight import Start
-from pretrain.stages import SimMIMStage
+from pretrain.stages import build_stage
 from scripts.plan_memory import compose_config
 
 
 def engine_for(ctx, overrides: list[str], micro_batch: int):
     cfg = compose_config([*overrides, f"stage.micro_batch={micro_batch}", f"stage.global_batch={micro_batch}",
                           "model.drop_path_rate=0", "engine.precision=bf16"])
-    stage = SimMIMStage(Start(cfg), ctx)
+    stage = build_stage(Start(cfg), ctx)
     torch.manual_seed(0)
-    engine = build_engine(cfg, ctx, stage, 1, optimizer_for(cfg.stage.optim))
+    engine = build_engine(cfg, ctx, stage.model, 1, optimizer_for(cfg.stage.optim))
     for g in engine.param_groups:
         g["lr"] = 1e-5 * g["lr_scale"]
     side = cfg.model.img_size
@@ -40,7 +40,7 @@ def engine_for(ctx, overrides: list[str], micro_batch: int):
 
 
 def step(stage, engine, batch, *, optimizer: bool = True):
-    loss, _ = stage.loss(engine, batch)
+    loss, _ = stage.objective.loss(engine, batch)
     engine.backward(loss)
     if optimizer:
         engine.step()
@@ -50,7 +50,8 @@ def step(stage, engine, batch, *, optimizer: bool = True):
 def giant_mfu(ctx, micro_batch: int, steps: int = 5) -> None:
     stage, engine, batch = engine_for(ctx, ["model=swinv2_giant", "engine=deepspeed", "engine.zero_stage=3",
                                             "model.compile=blocks", "model.grad_checkpointing=torch"], micro_batch)
-    meter = TrainMeter(flops_per_image=stage.flops_per_image(), peak_flops=peak_flops_per_s("cuda", torch.bfloat16),
+    meter = TrainMeter(flops_per_image=stage.model.flops_per_image(),
+                       peak_flops=peak_flops_per_s("cuda", torch.bfloat16),
                        world_size=1, device=torch.device("cuda"))
     t0 = time.perf_counter()
     step(stage, engine, batch)
