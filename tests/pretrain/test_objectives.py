@@ -61,9 +61,7 @@ def test_norm_targets_matches_reference():
 def test_loss_is_l1_over_masked_pixels_and_channels():
     torch.manual_seed(0)
     model = SimMIM(**MICRO)
-    image = torch.randn(2, 3, 64, 64)
-    mask = torch.zeros(2, 16, 16)
-    mask[:, :8] = 1
+    image, mask = batch().values()
     reconstruction = model(image, mask)
     loss = masked_l1(reconstruction, image, mask, norm_target_patch=None)
     torch.testing.assert_close(loss, _official_loss(reconstruction, image, mask, 4), rtol=1e-4, atol=1e-6)
