@@ -248,7 +248,7 @@ def step_time(cfg: Config, rows: list[Row], world: int, peak: float, mfu: float,
     from pretrain.preflight import Start
     from pretrain.stages import build_stage
     images = cfg.stage.micro_batch * grad_accum_steps(cfg, world)
-    flops = build_stage(Start(cfg), ctx=None).flops_per_image()
+    flops = build_stage(Start(cfg), ctx=None).model.flops_per_image()
     return StepTime(TRAIN_FLOPS_PER_FORWARD * flops * images / (peak * mfu), link_seconds(rows, world, bytes_per_s))
 
 
