@@ -17,7 +17,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class PreemptionWatcher:
     def __init__(self, signals=STOP_SIGNALS):
         self.signal_name = None  # the first signal received, for the log
-        self._stop_agreed = False
         for sig in signals:
             signal.signal(sig, self._on_signal)
 
@@ -25,17 +24,17 @@ class PreemptionWatcher:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
 
-    def should_stop(self) -> bool:
-        """True on every rank once any rank got a stop signal. A collective: call it on all ranks each step."""
-        if self._stop_agreed:
-            return True
-        local = self.signal_name is not None
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([int(local)], dtype=torch.int32, device=_collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            local = bool(flag.item())
-        self._stop_agreed = local
-        return local
+    def agree(self, skipped: bool | torch.Tensor = False) -> tuple[bool, bool]:
+        """A collective, once per step on every rank: (skipped, stop), from one value read on the host.
+        `skipped` is the engine's decision on the step's update, the same on every rank (maybe still on the
+        device); `stop` is True on every rank once any rank got a stop signal, and stays True (the signal
+        stays recorded). The two ride in one int32, 2 * stop + skipped: skipped is the same on every rank,
+        so the all-reduce's MAX keeps it and takes the max of the stop bits."""
+        flag = torch.full((), 2 * int(self.signal_name is not None), dtype=torch.int32, device=_collective_device())
+        flag += skipped  # added on the device: the engine's flag is not read here
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        value = flag.item()
+        return bool(value & 1), bool(value & 2)
 
 
 def _collective_device() -> torch.device:

@@ -50,11 +50,13 @@ class StepResult(NamedTuple):
     data_wait_s: float
     finite_loss: torch.Tensor  # 1 while every rank's loss was finite (agreed over ranks), on the device
     updated: bool  # the weights changed: False when some rank's loss or the global gradient norm was not finite
+    stop: bool  # some rank got a stop signal: every rank saves after this step and returns
 
 
-def train_step(objective: Objective, engine: Engine, loader, accum: int) -> StepResult:
-    """One optimizer step over `accum` micro batches. It reads one value on the host, whether the weights
-    were updated (the guard acts on it at once); everything else stays on the device for the log steps."""
+def train_step(objective: Objective, engine: Engine, loader, accum: int, watcher: PreemptionWatcher) -> StepResult:
+    """One optimizer step over `accum` micro batches. It reads on the host once, at its end: whether the
+    weights were updated (the guard acts on it at once) and whether to stop, agreed over ranks together;
+    everything else stays on the device for the log steps."""
     # sums stay on the device: reading them every micro batch would stall a GPU
     loss_sum, extras_sum, data_wait_s = torch.zeros((), device=engine.device), {}, 0.0
     finite = torch.ones((), device=engine.device)
@@ -71,8 +73,9 @@ def train_step(objective: Objective, engine: Engine, loader, accum: int) -> Step
         loss_sum += loss.detach().float()
         for k, v in extras.items():
             extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float()
+    skipped, stop = watcher.agree(engine.skipped())
     return StepResult(loss_sum / accum, {k: v / accum for k, v in extras_sum.items()}, data_wait_s, finite,
-                      not bool(engine.skipped()))
+                      not skipped, stop)
 
 
 def train(start: Start) -> None:
@@ -123,7 +126,7 @@ def train(start: Start) -> None:
     while step < total:
         t = time.perf_counter()
         set_lr(engine.param_groups, schedule(step))
-        result = train_step(stage.objective, engine, loader, accum)
+        result = train_step(stage.objective, engine, loader, accum, watcher)
         step += 1  # a skipped step still counts: the lr schedule moves on, as in large-scale practice
         if compiled.first_step_frames is None:
             compiled.first_step_done()
@@ -158,10 +161,9 @@ def train(start: Start) -> None:
                 metrics.update(ema.evaluate(stage.evaluator.evaluate))
             logger.log(step, metrics)
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        stop = watcher.should_stop()
-        if stop or step % cfg.checkpoint.every_steps == 0 or step == total:
+        if result.stop or step % cfg.checkpoint.every_steps == 0 or step == total:
             checkpointer.save(engine, step)
-        if stop:
+        if result.stop:
             log.info("stopping at step %d on %s; relaunch to resume", step, watcher.signal_name or "a peer's signal")
             break
 

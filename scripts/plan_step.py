@@ -35,7 +35,7 @@ backward gather: no extra traffic); gradients are reduce-scattered in fp32 every
 norm is one fp32 all-reduce of every tensor's partial norm.
 
 The training loop adds one fp32 all-reduce per micro batch (every rank's loss finite), one int32 per step
-(preemption), one fp32 per step with resilience.spike_factor > 0, and the metrics summary's two fp64
+(the update-skipped and stop flags), one fp32 per step with resilience.spike_factor > 0, and the metrics summary's two fp64
 vectors every logger.every steps (not counted here: a few hundred bytes).
 
 Time: compute = 3 x forward FLOPs x images per rank / (peak x MFU) (pretrain/metrics.py; MFU counts no
@@ -196,7 +196,7 @@ def fsdp_rows(cfg: Config, model: nn.Module, world: int, accum: int) -> list[Row
 
 def loop_rows(cfg: Config, accum: int) -> list[Row]:
     rows = [Row("loop", "all_reduce", "fp32", "loss finite, every micro batch", 4 * accum),
-            Row("loop", "all_reduce", "int32", "preemption flag", 4)]
+            Row("loop", "all_reduce", "int32", "step flags (update skipped, stop)", 4)]
     if cfg.resilience.spike_factor > 0:
         rows.append(Row("loop", "all_reduce", "fp32", "mean loss (spike guard)", 4))
     return rows

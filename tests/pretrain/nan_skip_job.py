@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from pretrain import process_group
 from pretrain.config import CONF_DIR, finalize, grad_accum_steps, register_configs
 from pretrain.engine import build_engine
+from pretrain.preemption import PreemptionWatcher
 from pretrain.trainer import train_step
 from world_size_job import MICRO, Recipe, global_batch, optimizer
 
@@ -70,7 +71,8 @@ def main(out: Path, engine_name: str, plan: list[str], extra: list[str]) -> None
     for group in engine.param_groups:
         group["lr"] = 1e-3 * group["lr_scale"]
     loader = micro_batches(plan, ctx.rank, ctx.world_size, accum)
-    updated = [train_step(Classify(), engine, loader, accum).updated for _ in plan]
+    watcher = PreemptionWatcher()
+    updated = [train_step(Classify(), engine, loader, accum, watcher).updated for _ in plan]
     engine.save(out / "checkpoints", "final")
     (out / f"updated_rank{ctx.rank}.json").write_text(json.dumps(updated))
     process_group.shutdown()

@@ -1,7 +1,7 @@
-"""The training loop reads values from the device only where it must, two per optimizer step and none per
-micro batch: whether the update happened (the NaN guard acts on it at once; the engine's own read under
-DeepSpeed) and the preemption agreement (every rank stops at the same step). Losses, gradient norms and
-metrics stay on the device until a log step. Counted in real 2-rank runs of launch/pretrain.py, accumulation 2
+"""The training loop reads values from the device only where it must, one per optimizer step and none per
+micro batch: whether the update happened (the NaN guard acts on it at once) and whether to stop (every rank
+stops at the same step), agreed over ranks in one int32. Losses, gradient norms and metrics stay on the
+device until a log step. Counted in real 2-rank runs of launch/pretrain.py, accumulation 2
 (host_reads_job.py)."""
 import json
 from pathlib import Path
@@ -29,12 +29,13 @@ def host_reads(shards: Path, out: Path, *overrides: str) -> list[int]:
     return json.loads((out / "host_reads_rank0.json").read_text())
 
 
-def test_fsdp_steps_read_two_values(shards, tmp_path):
-    # the engine keeps its skip decision on the device: the fused AdamW reads the flag itself
-    assert host_reads(shards, tmp_path, "engine=fsdp") == [2, 2, 2]
+def test_fsdp_steps_read_one_value(shards, tmp_path):
+    # the engine keeps its skip decision on the device (the fused AdamW reads the flag itself): it rides in
+    # the stop flag's all-reduce
+    assert host_reads(shards, tmp_path, "engine=fsdp") == [1, 1, 1]
 
 
 def test_zero3_steps_after_the_first_read_two_values(shards, tmp_path):
-    # DeepSpeed's first step sets itself up (hundreds of reads, once); from then on its overflow check is
-    # the update flag, already on the host
+    # DeepSpeed's first step sets itself up (hundreds of reads, once); from then on it reads its own overflow
+    # flag in its step (the update flag, already on the host), and the loop reads the stop flag
     assert host_reads(shards, tmp_path, "engine=deepspeed")[1:] == [2, 2]

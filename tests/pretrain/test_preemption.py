@@ -26,7 +26,7 @@ step = 0
 while step < 2000:
     step += 1
     time.sleep(0.02)
-    if watcher.should_stop():
+    if watcher.agree()[1]:
         break
 with open(f"{out}/result{rank}.json", "w") as f:
     json.dump({"step": step, "signal": watcher.signal_name}, f)

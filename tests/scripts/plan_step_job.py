@@ -1,6 +1,6 @@
 """torchrun job for test_plan_step: for each case (JSON: {"accum": micro batches per step, "overrides": [Hydra
 overrides]}), build the project's engine,
-run three optimizer steps of the trainer's own train_step (and its per-step preemption check) on synthetic
+run three optimizer steps of the trainer's own train_step (its end-of-step flags included) on synthetic
 SimMIM batches, and write the collective bytes of the third step, by phase, collective and dtype, counted by
 scripts.comm_meter, to OUT_DIR/<case index>_rank<r>.json. The first two steps are left out: DeepSpeed
 records its module trace in the first and checks it in the second.
@@ -53,8 +53,7 @@ def measure(overrides: list[str], accum: int, ctx) -> dict[str, int]:
     for _ in range(STEPS):
         meter.reset()
         with meter, meter.in_phase("loop"):
-            train_step(stage.objective, engine, batches, accum)
-            watcher.should_stop()
+            train_step(stage.objective, engine, batches, accum, watcher)
     return {"/".join(key): n for key, n in meter.bytes.items()}
 
 
