@@ -149,6 +149,12 @@ def flex_score_mod(table: torch.Tensor, window: int, regions: torch.Tensor | Non
     return score_mod
 
 
+def allow_recompiles(n: int) -> None:
+    """Raise dynamo's per-function budget of compiled variants (recompile_limit, 8 by default) to at least
+    `n`: past it, the function runs eagerly for good. Only ever raised, by whoever compiles more variants."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n)
+
+
 @functools.cache
 def compiled_flex_attention():
     """flex_attention under torch.compile, once per process, as its documentation prescribes: only the
@@ -157,11 +163,11 @@ def compiled_flex_attention():
 
     Static shapes: on CPU torch 2.14's C++ flex template fails to compile with a dynamic batch. Each
     (heads, head dim, window, masked or not, batch, grad mode, autocast) is then its own compiled variant,
-    a few per stage, and every variant counts against dynamo's per-function budget (recompile_limit, 8 by
-    default) past which flex_attention falls back to eager and unfused: the budget is raised to 64."""
+    a few per stage, and every variant counts against dynamo's per-function budget, past which flex_attention
+    falls back to eager and unfused: the budget is raised to 64."""
     from torch.nn.attention.flex_attention import flex_attention
     compiled = torch.compile(flex_attention, dynamic=False)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    allow_recompiles(64)
     return compiled
 
 

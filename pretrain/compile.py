@@ -15,9 +15,10 @@ import functools
 import logging
 
 import torch
-import torch._dynamo
 from torch import nn
 from torch._dynamo.utils import calculate_time_spent, counters
+
+from models.swinv2 import allow_recompiles
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,8 @@ def apply_compile(model: nn.Module, mode: str) -> None:
         return
     blocks = model.blocks()
     # Every block variant is a recompile of the one SwinTransformerBlock.forward code object, at most two per
-    # block (with and without grad: reentrant checkpointing and evaluation); dynamo's default limit (8) would
-    # send the rest back to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
+    # block (with and without grad: reentrant checkpointing and evaluation).
+    allow_recompiles(2 * len(blocks))
     if mode == "full":
         model.forward = torch.compile(model.forward)
         return
