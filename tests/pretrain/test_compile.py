@@ -1,5 +1,6 @@
 """model.compile through the real launcher on 2 gloo ranks: compiled blocks give the eager losses to fp32
-rounding under both engines, every checkpointing family and both attention paths, and compile once.
+rounding under both engines, every checkpointing family and both attention paths, and so does the whole
+compiled forward under FSDP2; each compiles in its first step only.
 
 One eager ZeRO-3 run is the reference for every compiled run (test_fsdp shows the two engines' fp32 curves
 agree to rounding). Drop path is off: inductor draws random numbers its own way, so a compiled block drops
@@ -25,7 +26,9 @@ RUNS = {
     # fairscale's wrapper around the compiled forward, and chunked (sequential) attention inside it
     "fsdp": ("model.compile=blocks", "engine=fsdp", "model.grad_checkpointing=fairscale",
              "model.sequential_attn=[true,false]", "model.attn_chunk_size=2"),
+    "full": ("model.compile=full", "engine=fsdp"),
 }
+COMPILED = ["zero3", "fsdp", "full"]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,8 @@ def runs(small_shards, tmp_path_factory) -> dict[str, tuple[dict[int, dict], str
     return out
 
 
-@pytest.mark.parametrize("name", ["zero3", "fsdp"])
-def test_compiled_blocks_give_the_eager_losses(runs, name):
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_runs_give_the_eager_losses(runs, name):
     eager, compiled = runs["eager"][0], runs[name][0]
     assert sorted(compiled) == sorted(eager) == list(range(1, STEPS + 1))
     for step in eager:
@@ -56,14 +59,18 @@ def test_compiled_blocks_give_the_eager_losses(runs, name):
     assert len({round(r["train/loss"], 5) for r in eager.values()}) == STEPS  # the weights do change
 
 
-@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+# blocks: img 32 / patch 4 / window 4 gives feature maps 8 and 4, and only stage 1's map has a shift: 3
+# distinct blocks, twice for the checkpointing that runs a forward without grad first (both families here).
+# full: the forward breaks at every FSDP2 unit's hooks (one unit per block), which dynamo does not trace.
+FRAMES = {"zero3": 6, "fsdp": 6, "full": 10}
+
+
+@pytest.mark.parametrize("name", COMPILED)
 def test_the_first_step_compiles_everything_and_nothing_recompiles(runs, name):
-    rows, output = runs[name]
-    # img 32 / patch 4 / window 4: feature maps 8 and 4, and only stage 1's map has a shift: 3 distinct
-    # blocks, twice for the checkpointing that runs a forward without grad first (both families here)
-    assert rows[1]["compile/frames"] == 6
+    rows, output, frames = *runs[name], FRAMES[name]
+    assert rows[1]["compile/frames"] == frames
     assert rows[1]["perf/compile_s"] > 0
     assert [rows[s]["compile/recompiles"] for s in sorted(rows)] == [0] * STEPS
-    assert [rows[s]["compile/frames"] for s in sorted(rows)] == [6] * STEPS
-    assert output.count("torch.compile: 6 frames compiled in") == 1  # rank 0's log line, once
+    assert [rows[s]["compile/frames"] for s in sorted(rows)] == [frames] * STEPS
+    assert output.count(f"torch.compile: {frames} frames compiled in") == 1  # rank 0's log line, once
     assert runs["eager"][0][1]["compile/frames"] == 0
