@@ -1,4 +1,4 @@
-"""Engine step time on 2 CPU ranks: DeepSpeed ZeRO-3 vs torch FSDP2 vs plain DDP, and ZeRO-3 with compiled
+"""Engine step time on CPU ranks (2 by default): DeepSpeed ZeRO-3 vs torch FSDP2 vs plain DDP, and ZeRO-3 with compiled
 blocks vs eager, side by side in one launch.
 
 Each engine trains the SimMIM stage of the same model on the same fixed batch (no data loading: the engines
@@ -9,7 +9,7 @@ engine comparison runs eager; `--compiled` models also step ZeRO-3 with model.co
 the compilation, is the warm-up).
 
     .venv/bin/python -m scripts.bench.bench_engines [--models swinv2_nano swinv2_tiny] [--steps 4]
-                                                    [--compiled swinv2_nano]
+                                                    [--compiled swinv2_nano] [--ranks 2]
 `run()` returns the rows for the scripts.bench aggregator (baseline = DDP; ratio = DDP time / engine time;
 compiled rows: baseline = eager ZeRO-3).
 """
@@ -125,12 +125,12 @@ def worker(out: str, models: list[str], compiled: list[str], steps: int) -> None
 
 
 def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), compiled: tuple[str, ...] = ("swinv2_nano",),
-        steps: int = 4) -> list[dict]:
+        steps: int = 4, ranks: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "engines.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m",
                "scripts.bench.bench_engines", "--worker", str(out), "--steps", str(steps), "--models", *models,
                "--compiled", *compiled]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -141,7 +141,7 @@ def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), compiled: tupl
     for model, t in results.items():
         if "zero3_compiled" in t:
             rows.append(dict(
-                name=f"{model} SimMIM step, ZeRO-3 compiled blocks vs eager, 2 CPU ranks (s/step)",
+                name=f"{model} SimMIM step, ZeRO-3 compiled blocks vs eager, {ranks} CPU ranks (s/step)",
                 ours=t["zero3_compiled"], baseline=t["zero3"], ratio=t["zero3"] / t["zero3_compiled"],
                 how=f"bf16, micro batch {MICRO_BATCH}/rank at 192px, median of {steps} steps after the compiling one, "
                     f"interleaved, 1 thread/rank, slowest rank; compile {t['compile_s']:.0f} s"))
@@ -149,7 +149,7 @@ def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), compiled: tupl
             if name not in t or "ddp" not in t:
                 continue
             rows.append(dict(
-                name=f"{model} SimMIM step, {label} vs DDP, 2 CPU ranks (s/step)", ours=t[name], baseline=t["ddp"],
+                name=f"{model} SimMIM step, {label} vs DDP, {ranks} CPU ranks (s/step)", ours=t[name], baseline=t["ddp"],
                 ratio=t["ddp"] / t[name],
                 how=f"bf16, micro batch {MICRO_BATCH}/rank at 192px, median of {steps} steps, engines interleaved, "
                     "1 thread/rank, slowest rank; DDP = torch DDP + bf16 autocast"))
@@ -161,12 +161,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["swinv2_nano", "swinv2_tiny"])
     parser.add_argument("--compiled", nargs="*", default=["swinv2_nano"])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.models, args.compiled, args.steps)
         process_group.exit_process(0)
-    print(format_table([("engines", row) for row in run(tuple(args.models), tuple(args.compiled), args.steps)]), flush=True)
+    rows = run(tuple(args.models), tuple(args.compiled), args.steps, args.ranks)
+    print(format_table([("engines", row) for row in rows]), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 1. One training step (forward + backward + AdamW) of SwinV2-T at 192px/window 12, ours (both attention
    paths, sdpa and plain) and timm's side by side, repeats interleaved, medians; fp32 and bf16 autocast.
    Ratio = timm step time / our step time (> 1: ours is faster).
-   Compiled: ours with model.compile=blocks (pretrain.compile; the faster attention path of the device) against
+   Compiled: ours with model.compile=blocks and =full (pretrain.compile; the faster attention path of the device) against
    timm eager and timm under torch.compile of the whole model (the same default mode), with each one's
    compile time (its first step less a median step).
 2. Peak memory of one forward + backward of a stage-1 SwinV2-T block (shifted, with the mask) at
@@ -15,6 +15,7 @@
    Ratio = plain time / flex time (> 1: flex is faster).
 
     .venv/bin/python -m scripts.bench.bench_model [--batch 8] [--repeats 5] [--device cpu|cuda]
+    .venv/bin/python -m scripts.bench.bench_model --profile fp32|bf16    (top ops of the compiled steps instead)
 `run()` returns the rows for the scripts.bench aggregator.
 """
 import argparse
@@ -93,19 +94,47 @@ def bench_step(batch: int, repeats: int, dtype: torch.dtype | None, device: str)
 def bench_compiled(batch: int, repeats: int, dtype: torch.dtype | None, device: str) -> list[dict]:
     """Ours with compiled blocks against timm eager and timm compiled whole, stepped in turn."""
     impl = "sdpa" if device == "cuda" else "plain"  # the faster path of each device (the rows above)
-    torch.manual_seed(0)
-    ours = SwinTransformerV2(num_classes=1000, attn_impl=impl, **TINY)
-    apply_compile(ours, "blocks")
-    models = {"ours": ours, "timm": _timm_tiny(1000), "timm_compiled": torch.compile(_timm_tiny(1000))}
+    models = {}
+    for mode in ("blocks", "full"):
+        torch.manual_seed(0)
+        models[mode] = SwinTransformerV2(num_classes=1000, attn_impl=impl, **TINY)
+        apply_compile(models[mode], mode)
+    models.update(timm=_timm_tiny(1000), timm_compiled=torch.compile(_timm_tiny(1000)))
     first, median = _interleaved(models, batch, repeats, dtype, device)
-    compile_s = {name: first[name] - median[name] for name in ("ours", "timm_compiled")}
+    compile_s = {name: first[name] - median[name] for name in ("blocks", "full", "timm_compiled")}
     precision = "bf16 autocast" if dtype is not None else "fp32"
     how = (f"fwd+bwd+AdamW, median of {repeats} interleaved steps, {torch.get_num_threads()} threads; compile "
-           f"(first step less a median one): ours {compile_s['ours']:.0f} s, timm {compile_s['timm_compiled']:.0f} s")
-    return [dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} compiled blocks attn={impl} vs "
-                      f"timm {baseline} (img/s)", ours=batch / median["ours"], baseline=batch / median[key],
-                 ratio=median[key] / median["ours"], how=how)
-            for key, baseline in (("timm", "eager"), ("timm_compiled", "+ torch.compile"))]
+           f"(first step less a median one): ours blocks {compile_s['blocks']:.0f} s, full {compile_s['full']:.0f} s, "
+           f"timm {compile_s['timm_compiled']:.0f} s")
+    return [dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} compiled {mode} attn={impl} vs "
+                      f"timm {baseline} (img/s)", ours=batch / median[mode], baseline=batch / median[key],
+                 ratio=median[key] / median[mode], how=how)
+            for mode in ("blocks", "full") for key, baseline in (("timm", "eager"), ("timm_compiled", "+ torch.compile"))]
+
+
+def profile_compiled(batch: int, dtype: torch.dtype | None, device: str, steps: int = 2, top: int = 8) -> str:
+    """Where a compiled step's time goes: torch.profiler's top ops by self time over `steps` steps of ours
+    (compile=blocks and =full) and of timm + torch.compile, each after three warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+    tables = []
+    for name in ("blocks", "full", "timm + torch.compile"):
+        torch.manual_seed(0)
+        if name == "timm + torch.compile":
+            model = torch.compile(_timm_tiny(1000))
+        else:
+            model = SwinTransformerV2(num_classes=1000, attn_impl="sdpa" if device == "cuda" else "plain", **TINY)
+            apply_compile(model, name)
+        step = _step_fn(model.to(device).train(), batch, dtype, device)
+        for _ in range(3):
+            step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        tables.append(f"{name}, {steps} steps:\n" + prof.key_averages().table(sort_by=sort, row_limit=top,
+                                                                           max_name_column_width=50))
+    return "\n".join(tables)
 
 
 def _timm_version() -> str:
@@ -203,7 +232,12 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--profile", choices=("fp32", "bf16"), help="print the compiled steps' top ops instead")
     args = parser.parse_args()
+    if args.profile:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print(profile_compiled(args.batch, torch.bfloat16 if args.profile == "bf16" else None, device), flush=True)
+        return
     print(format_table([("model", row) for row in run(args.batch, args.repeats, args.device)]), flush=True)
 
 

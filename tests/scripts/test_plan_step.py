@@ -1,7 +1,7 @@
 """scripts/plan_step.py against the collective traffic of the real engines: DeepSpeed ZeRO-3 and FSDP2 on 2 and
 4 gloo ranks, the bytes passed to every collective counted by scripts/comm_meter.py (plan_step_job.py). Cases:
 the default configs; ZeRO-3 releasing every parameter after use, with activation checkpointing (forward,
-recompute and backward each gather); ZeRO-3 with DeepSpeed's default trace limits scaled to the nano model
+recompute and backward each gather) and compiled blocks (ZeRO-3 leaf modules, each gathered whole); ZeRO-3 with DeepSpeed's default trace limits scaled to the nano model
 as they stand to SwinV2-G, so that some parameters are kept from forward to backward and others re-gathered;
 FSDP2 without reshard after forward. Every collective kind and dtype the plan predicts is measured within
 2% over the step, and nothing is measured that it does not predict. (Compared over the step, not per phase:
@@ -31,7 +31,7 @@ SCALED_DEFAULTS = ["+engine.config.zero_optimization.stage3_max_reuse_distance=7
 CASES = {
     "zero3": {"accum": 2, "overrides": ["engine=deepspeed"]},
     "zero3-released-ckpt": {"accum": 1, "overrides": ["engine=deepspeed", "model.grad_checkpointing=torch",
-                                                      *RELEASE_ALL]},
+                                                      "model.compile=blocks", *RELEASE_ALL]},
     "zero3-scaled-defaults-ckpt": {"accum": 2, "overrides": ["engine=deepspeed", "model.grad_checkpointing=torch",
                                                              *SCALED_DEFAULTS]},
     "fsdp": {"accum": 2, "overrides": ["engine=fsdp"]},
