@@ -91,25 +91,26 @@ def bench_step(batch: int, repeats: int, dtype: torch.dtype | None, device: str)
     return rows
 
 
-def bench_compiled(batch: int, repeats: int, dtype: torch.dtype | None, device: str) -> list[dict]:
-    """Ours with compiled blocks against timm eager and timm compiled whole, stepped in turn."""
+def bench_compiled(batch: int, repeats: int, dtype: torch.dtype | None, device: str,
+                   modes: tuple[str, ...] = ("blocks", "full")) -> list[dict]:
+    """Ours compiled (each of `modes`) against timm eager and timm compiled whole, stepped in turn."""
     impl = "sdpa" if device == "cuda" else "plain"  # the faster path of each device (the rows above)
     models = {}
-    for mode in ("blocks", "full"):
+    for mode in modes:
         torch.manual_seed(0)
         models[mode] = SwinTransformerV2(num_classes=1000, attn_impl=impl, **TINY)
         apply_compile(models[mode], mode)
     models.update(timm=_timm_tiny(1000), timm_compiled=torch.compile(_timm_tiny(1000)))
     first, median = _interleaved(models, batch, repeats, dtype, device)
-    compile_s = {name: first[name] - median[name] for name in ("blocks", "full", "timm_compiled")}
+    compile_s = {name: first[name] - median[name] for name in (*modes, "timm_compiled")}
     precision = "bf16 autocast" if dtype is not None else "fp32"
     how = (f"fwd+bwd+AdamW, median of {repeats} interleaved steps, {torch.get_num_threads()} threads; compile "
-           f"(first step less a median one): ours blocks {compile_s['blocks']:.0f} s, full {compile_s['full']:.0f} s, "
-           f"timm {compile_s['timm_compiled']:.0f} s")
+           f"(first step less a median one): " + ", ".join(f"ours {mode} {compile_s[mode]:.0f} s" for mode in modes)
+           + f", timm {compile_s['timm_compiled']:.0f} s")
     return [dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} compiled {mode} attn={impl} vs "
                       f"timm {baseline} (img/s)", ours=batch / median[mode], baseline=batch / median[key],
                  ratio=median[key] / median[mode], how=how)
-            for mode in ("blocks", "full") for key, baseline in (("timm", "eager"), ("timm_compiled", "+ torch.compile"))]
+            for mode in modes for key, baseline in (("timm", "eager"), ("timm_compiled", "+ torch.compile"))]
 
 
 def profile_compiled(batch: int, dtype: torch.dtype | None, device: str, steps: int = 2, top: int = 8) -> str:

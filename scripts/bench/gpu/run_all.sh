@@ -18,7 +18,7 @@ timeout 180 python3 -c "
 import torch
 from scripts.bench.bench_model import bench_compiled
 for dtype in (None, torch.bfloat16):
-    print(bench_compiled(batch=128, repeats=10, dtype=dtype, device='cuda'))
+    print(bench_compiled(batch=128, repeats=10, dtype=dtype, device='cuda', modes=('blocks',)))
 "
 echo "== compile: sync debug mode inside steps (FSDP2, ZeRO-3), SwinV2-G ZeRO-3 bf16 compiled + AdamW MFU"
 timeout 180 python3 scripts/bench/gpu/compile_check.py 64  # 53 GB planned (scripts/plan_memory.py --world-size 1)
