@@ -5,7 +5,7 @@
    Ratio = timm step time / our step time (> 1: ours is faster).
    Compiled: ours with model.compile=blocks and =full (pretrain.compile; the faster attention path of the device) against
    timm eager and timm under torch.compile of the whole model (the same default mode), with each one's
-   compile time (its first step less a median step).
+   compile time (its first step less a median step); fused AdamW for all, as the engines build it.
 2. Peak memory of one forward + backward of a stage-1 SwinV2-T block (shifted, with the mask) at
    1536px/window 32, with sequential attention vs batched, measured by torch's MemTracker on fake tensors
    (nothing is allocated). Ratio = batched peak / sequential peak.
@@ -37,8 +37,8 @@ def _timm_tiny(num_classes: int):
     return TimmSwinV2(num_classes=num_classes, **TINY)
 
 
-def _step_fn(model, batch: int, dtype: torch.dtype | None, device: str):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def _step_fn(model, batch: int, dtype: torch.dtype | None, device: str, fused: bool = False):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     x = torch.randn(batch, 3, TINY["img_size"], TINY["img_size"], device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
 
@@ -53,11 +53,12 @@ def _step_fn(model, batch: int, dtype: torch.dtype | None, device: str):
     return step
 
 
-def _interleaved(models: dict, batch: int, repeats: int, dtype: torch.dtype | None,
-                 device: str) -> tuple[dict[str, float], dict[str, float]]:
+def _interleaved(models: dict, batch: int, repeats: int, dtype: torch.dtype | None, device: str,
+                 fused: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """Each model's first step (s) and median step (s): two warm-up steps (allocator, kernel selection, AdamW
-    state, compilation), then `repeats` steps taken in turn, so that load on a shared machine hits all alike."""
-    steps = {name: _step_fn(model.to(device).train(), batch, dtype, device) for name, model in models.items()}
+    state, compilation), then `repeats` steps taken in turn, so that load on a shared machine hits all alike.
+    AdamW is torch's default implementation, or its fused kernel for every model."""
+    steps = {name: _step_fn(model.to(device).train(), batch, dtype, device, fused) for name, model in models.items()}
     first, times = {}, {name: [] for name in steps}
     for warm_up in range(2):
         for name, step in steps.items():
@@ -93,7 +94,8 @@ def bench_step(batch: int, repeats: int, dtype: torch.dtype | None, device: str)
 
 def bench_compiled(batch: int, repeats: int, dtype: torch.dtype | None, device: str,
                    modes: tuple[str, ...] = ("blocks", "full")) -> list[dict]:
-    """Ours compiled (each of `modes`) against timm eager and timm compiled whole, stepped in turn."""
+    """Ours compiled (each of `modes`) against timm eager and timm compiled whole, stepped in turn, all with
+    the fused AdamW the engines build (pretrain.optim), so that the models are what differs."""
     impl = "sdpa" if device == "cuda" else "plain"  # the faster path of each device (the rows above)
     models = {}
     for mode in modes:
@@ -101,11 +103,11 @@ def bench_compiled(batch: int, repeats: int, dtype: torch.dtype | None, device: 
         models[mode] = SwinTransformerV2(num_classes=1000, attn_impl=impl, **TINY)
         apply_compile(models[mode], mode)
     models.update(timm=_timm_tiny(1000), timm_compiled=torch.compile(_timm_tiny(1000)))
-    first, median = _interleaved(models, batch, repeats, dtype, device)
+    first, median = _interleaved(models, batch, repeats, dtype, device, fused=True)
     compile_s = {name: first[name] - median[name] for name in (*modes, "timm_compiled")}
     precision = "bf16 autocast" if dtype is not None else "fp32"
-    how = (f"fwd+bwd+AdamW, median of {repeats} interleaved steps, {torch.get_num_threads()} threads; compile "
-           f"(first step less a median one): " + ", ".join(f"ours {mode} {compile_s[mode]:.0f} s" for mode in modes)
+    how = (f"fwd+bwd+fused AdamW, median of {repeats} interleaved steps, {torch.get_num_threads()} threads; "
+           f"compile (first step less a median one): " + ", ".join(f"ours {mode} {compile_s[mode]:.0f} s" for mode in modes)
            + f", timm {compile_s['timm_compiled']:.0f} s")
     return [dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} compiled {mode} attn={impl} vs "
                       f"timm {baseline} (img/s)", ours=batch / median[mode], baseline=batch / median[key],
@@ -125,7 +127,7 @@ def profile_compiled(batch: int, dtype: torch.dtype | None, device: str, steps: 
         else:
             model = SwinTransformerV2(num_classes=1000, attn_impl="sdpa" if device == "cuda" else "plain", **TINY)
             apply_compile(model, name)
-        step = _step_fn(model.to(device).train(), batch, dtype, device)
+        step = _step_fn(model.to(device).train(), batch, dtype, device, fused=True)
         for _ in range(3):
             step()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
