@@ -106,9 +106,9 @@ def bench_compiled(batch: int, repeats: int, dtype: torch.dtype | None, device: 
     first, median = _interleaved(models, batch, repeats, dtype, device, fused=True)
     compile_s = {name: first[name] - median[name] for name in (*modes, "timm_compiled")}
     precision = "bf16 autocast" if dtype is not None else "fp32"
+    compiles = ", ".join(f"ours {mode} {compile_s[mode]:.0f} s" for mode in modes)
     how = (f"fwd+bwd+fused AdamW, median of {repeats} interleaved steps, {torch.get_num_threads()} threads; "
-           f"compile (first step less a median one): " + ", ".join(f"ours {mode} {compile_s[mode]:.0f} s" for mode in modes)
-           + f", timm {compile_s['timm_compiled']:.0f} s")
+           f"compile (first step less a median one): {compiles}, timm {compile_s['timm_compiled']:.0f} s")
     return [dict(name=f"swinv2_tiny train step 192/w12 b{batch} {precision} {device} compiled {mode} attn={impl} vs "
                       f"timm {baseline} (img/s)", ours=batch / median[mode], baseline=batch / median[key],
                  ratio=median[key] / median[mode], how=how)
