@@ -92,14 +92,16 @@ class PeerFailure(RuntimeError):
 # death 30 s after it.
 PEER_REPORT_WAIT_S = 10.0
 _COLLECTIVE = "collective failed"
+_GLOO_SIGNS = ("gloo", "Application timeout caused pair closure")
 
 
 def _collective_failure(err: BaseException | None) -> BaseException | None:
     """The failed collective behind `err`, if any: it may be the context of a later error, e.g. the data
     loader's "worker killed" that torchrun's teardown of this rank raises while the first one propagates."""
     while err is not None:
-        # gloo raises plain RuntimeErrors that name its transport; NCCL and the stores raise torch's DistError
-        if isinstance(err, dist.DistError) or "gloo" in str(err):
+        # NCCL and the stores raise torch's DistError, gloo plain RuntimeErrors that name its source file, except
+        # the pair closure it signals to every later operation of a group once one of them timed out
+        if isinstance(err, dist.DistError) or any(sign in str(err) for sign in _GLOO_SIGNS):
             return err
         err = err.__context__
     return None
