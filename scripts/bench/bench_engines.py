@@ -5,13 +5,14 @@ Each engine trains the SimMIM stage of the same model on the same fixed batch (n
 are what is compared), bf16: ZeRO-3 and FSDP2 through the project's engines (pretrain/engine/), DDP as torch's
 DistributedDataParallel with bf16 autocast and the same AdamW groups and clipping. The engines take turns,
 step by step, so load on the shared machine hits them alike; a step's time is the slowest rank's. The
-engine comparison runs eager; `--compiled` models also step ZeRO-3 with model.compile=blocks (its first step,
-the compilation, is the warm-up).
+engine comparison runs eager; `--compiled` models also step ZeRO-3 and DDP with model.compile=blocks (the first
+step, the compilation, is the warm-up): DDP's ratio is what compilation gains on the model itself, ZeRO-3's what
+is left of it beside DeepSpeed's per-module work.
 
     .venv/bin/python -m scripts.bench.bench_engines [--models swinv2_nano swinv2_tiny] [--steps 4]
                                                     [--compiled swinv2_nano] [--ranks 2]
 `run()` returns the rows for the scripts.bench aggregator (baseline = DDP; ratio = DDP time / engine time;
-compiled rows: baseline = eager ZeRO-3).
+compiled rows: baseline = the same engine eager).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 ENGINES = {"zero3": ["engine=deepspeed", "engine.zero_stage=3", "engine.precision=bf16", "model.compile=off"],
            "fsdp2": ["engine=fsdp", "engine.precision=bf16", "model.compile=off"],
            "ddp": ["engine=deepspeed", "engine.precision=bf16", "model.compile=off"]}  # config only; DDP is built here
-COMPILED = {"zero3_compiled": [*ENGINES["zero3"], "model.compile=blocks"]}
+COMPILED = {"zero3_compiled": [*ENGINES["zero3"], "model.compile=blocks"],
+            "ddp_compiled": [*ENGINES["ddp"], "model.compile=blocks"]}
 MICRO_BATCH = 4
 WORKER_TIMEOUT_S = 480
 
@@ -48,8 +50,10 @@ class DDPEngine:
         from torch.nn.parallel import DistributedDataParallel
 
         from pretrain.activation_checkpointing import apply_grad_checkpointing
+        from pretrain.compile import apply_compile
         self.module = recipe.build_model()
         apply_grad_checkpointing(self.module, cfg.model.grad_checkpointing)
+        apply_compile(self.module, cfg.model.compile)
         self.ddp = DistributedDataParallel(self.module)
         self.optimizer = optimizer(self.module)
         self.clip_grad = cfg.stage.optim.clip_grad
@@ -80,8 +84,8 @@ def build(name: str, model: str, ctx):
     stage = build_stage(Start(cfg), ctx)
     torch.manual_seed(0)
     optimizer = optimizer_for(cfg.stage.optim)
-    engine = DDPEngine(cfg, stage.model, optimizer) if name == "ddp" else build_engine(cfg, ctx, stage.model, 1,
-                                                                                        optimizer)
+    ddp = name.startswith("ddp")  # the compiled one too
+    engine = DDPEngine(cfg, stage.model, optimizer) if ddp else build_engine(cfg, ctx, stage.model, 1, optimizer)
     return stage, engine, cfg
 
 
@@ -95,7 +99,7 @@ def worker(out: str, models: list[str], compiled: list[str], steps: int) -> None
     ctx = process_group.init()
     results = {}
     for model in dict.fromkeys(models + compiled):
-        names = [*(ENGINES if model in models else ["zero3"]), *(COMPILED if model in compiled else [])]
+        names = [*(ENGINES if model in models else ["zero3", "ddp"]), *(COMPILED if model in compiled else [])]
         runs = {name: build(name, model, ctx) for name in names}
         side = runs["zero3"][2].model.img_size
         gen = torch.Generator().manual_seed(ctx.rank)
@@ -116,8 +120,8 @@ def worker(out: str, models: list[str], compiled: list[str], steps: int) -> None
                 else:
                     first[name] = elapsed.item()
         results[model] = {name: statistics.median(t) for name, t in times.items()}
-        if "zero3_compiled" in first:  # the first step less a median one
-            results[model]["compile_s"] = first["zero3_compiled"] - results[model]["zero3_compiled"]
+        for name in COMPILED.keys() & first.keys():  # compile time: the first step less a median one
+            results[model][f"{name}_compile_s"] = first[name] - results[model][name]
         del runs
     if ctx.is_main:
         Path(out).write_text(json.dumps(results))
@@ -139,12 +143,14 @@ def run(models: tuple[str, ...] = ("swinv2_nano", "swinv2_tiny"), compiled: tupl
         results = json.loads(out.read_text())
     rows = []
     for model, t in results.items():
-        if "zero3_compiled" in t:
+        for name, label in (("zero3", "ZeRO-3"), ("ddp", "DDP")):
+            if f"{name}_compiled" not in t:
+                continue
             rows.append(dict(
-                name=f"{model} SimMIM step, ZeRO-3 compiled blocks vs eager, {ranks} CPU ranks (s/step)",
-                ours=t["zero3_compiled"], baseline=t["zero3"], ratio=t["zero3"] / t["zero3_compiled"],
+                name=f"{model} SimMIM step, {label} compiled blocks vs eager, {ranks} CPU ranks (s/step)",
+                ours=t[f"{name}_compiled"], baseline=t[name], ratio=t[name] / t[f"{name}_compiled"],
                 how=f"bf16, micro batch {MICRO_BATCH}/rank at 192px, median of {steps} steps after the compiling one, "
-                    f"interleaved, 1 thread/rank, slowest rank; compile {t['compile_s']:.0f} s"))
+                    f"interleaved, 1 thread/rank, slowest rank; compile {t[f'{name}_compiled_compile_s']:.0f} s"))
         for name, label in (("zero3", "ZeRO-3"), ("fsdp2", "FSDP2")):
             if name not in t or "ddp" not in t:
                 continue
