@@ -7,7 +7,7 @@ DistributedDataParallel with bf16 autocast and the same AdamW groups and clippin
 step by step, so load on the shared machine hits them alike; a step's time is the slowest rank's. The
 engine comparison runs eager; `--compiled` models also step ZeRO-3 and DDP with model.compile=blocks (the first
 step, the compilation, is the warm-up): DDP's ratio is what compilation gains on the model itself, ZeRO-3's what
-is left of it beside DeepSpeed's per-module work.
+is left of it beside DeepSpeed's own work.
 
     .venv/bin/python -m scripts.bench.bench_engines [--models swinv2_nano swinv2_tiny] [--steps 4]
                                                     [--compiled swinv2_nano] [--ranks 2]
